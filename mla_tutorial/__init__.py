@@ -1,0 +1,24 @@
+"""mla_tutorial: the code the MLA book builds, chapter by chapter, in one importable place.
+
+>>> from mla_tutorial import MLAConfig, MultiHeadLatentAttention, kv_cache_elements, AttentionConfig
+>>> cfg = MLAConfig.deepseek_v3()
+>>> kv_cache_elements(AttentionConfig.from_mla(cfg)) / kv_cache_elements(cfg)   # 32768 / 576
+56.888...
+"""
+
+from .accounting import bytes_per_element, kv_cache_bytes, kv_cache_elements
+from .attention import MultiHeadAttention, attention
+from .cache import KVCache
+from .config import ATTENTION_PRESETS, AttentionConfig, MLAConfig, yarn_get_mscale
+from .device import describe_device, pick_device, pick_dtype
+from .mla import MLA_MODES, MultiHeadLatentAttention, RMSNorm
+from .rope import RotaryEmbedding, apply_rope, rope_inv_freq, yarn_inv_freq
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_PRESETS", "AttentionConfig", "KVCache", "MLAConfig", "MLA_MODES", "MultiHeadAttention",
+    "MultiHeadLatentAttention", "RMSNorm", "RotaryEmbedding", "apply_rope", "attention", "bytes_per_element",
+    "describe_device", "kv_cache_bytes", "kv_cache_elements", "pick_device", "pick_dtype", "rope_inv_freq",
+    "yarn_get_mscale", "yarn_inv_freq",
+]

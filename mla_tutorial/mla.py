@@ -1,0 +1,208 @@
+"""DeepSeek's Multi-Head Latent Attention (MLA) with decoupled RoPE, in three cache modes.
+
+Names follow the DeepSeek-V2 paper (section 2.1): for a token's hidden state h,
+
+    c_Q  = RMSNorm(W_DQ h)                 query latent (skipped when q_lora_rank is None)
+    q_C  = W_UQ c_Q,  q_R = RoPE(W_QR c_Q)  per-head query: content part and RoPE part
+    c_KV = RMSNorm(W_DKV h)                 the key/value latent: this is what MLA caches
+    k_R  = RoPE(W_KR h)                     one RoPE key shared by all heads: cached too
+    k_C  = W_UK c_KV,  v = W_UV c_KV        per-head keys and values, re-derived from c_KV
+    o    = W_O [softmax((q_C·k_C + q_R·k_R) · scale) v]_heads
+
+Cache modes (chapters 04-05):
+
+* ``"expanded"``: cache per-head K (d_h + d_h_R) and V (d_v): DeepSeek's reference "naive" path.
+* ``"latent"``: cache c_KV and k_R (576 values per token for V3) and re-expand K and V from the
+  whole cache at every step: small cache, but every step pays for the expansion.
+* ``"absorbed"``: cache c_KV and k_R; fold W_UK into the query (q_C W_UK lives in latent space)
+  and apply W_UV after attention. No per-head K or V is ever made for cached tokens: decode is
+  an MQA whose one key/value head is the 576-wide latent. Long query chunks (prefill) take the
+  expanded computation when it needs fewer FLOPs, as serving engines do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import attention, check_input
+from .cache import KVCache
+from .config import MLAConfig
+from .rope import RotaryEmbedding, apply_rope
+
+__all__ = ["MultiHeadLatentAttention", "RMSNorm", "MLA_MODES"]
+
+MLA_MODES = ("expanded", "latent", "absorbed")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (as DeepSeek and Hugging Face do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """One MLA layer. ``mode`` is the default cache mode; a call or a cache may choose another.
+
+    Args:
+        config: the layer's :class:`MLAConfig`.
+        mode: ``"expanded"``, ``"latent"`` or ``"absorbed"`` (default).
+        absorb_prefill: in absorbed mode, how to treat a call with several new tokens:
+            ``None`` picks the path with fewer FLOPs (see :meth:`uses_absorbed_path`),
+            ``True`` always uses the absorbed computation, ``False`` always the expanded one.
+    """
+
+    def __init__(self, config: MLAConfig, mode: str = "absorbed", absorb_prefill: bool | None = None):
+        super().__init__()
+        if not isinstance(config, MLAConfig):
+            raise TypeError(f"MultiHeadLatentAttention needs an MLAConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.mode = self._check_mode(mode)
+        self.absorb_prefill = absorb_prefill
+        n_h, d_c, d_R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        if c.q_lora_rank is not None:
+            self.W_DQ = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)        # q_a_proj
+            self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)                    # q_a_layernorm
+        else:
+            self.W_DQ = self.q_norm = None
+        d_q_in = c.q_lora_rank or c.hidden_size
+        self.W_UQ = nn.Linear(d_q_in, n_h * c.qk_nope_head_dim, bias=False)        # q_b_proj, content rows
+        self.W_QR = nn.Linear(d_q_in, n_h * d_R, bias=False)                        # q_b_proj, RoPE rows
+        self.W_DKV = nn.Linear(c.hidden_size, d_c, bias=False)                      # kv_a_proj_with_mqa[:d_c]
+        self.kv_norm = RMSNorm(d_c, c.rms_norm_eps)                                 # kv_a_layernorm
+        self.W_KR = nn.Linear(c.hidden_size, d_R, bias=False)                       # kv_a_proj_with_mqa[d_c:]
+        # Up-projections kept per head, the shape absorption needs: W_UK[h] maps c_KV to head h's key.
+        self.W_UK = nn.Parameter(torch.empty(n_h, c.qk_nope_head_dim, d_c))        # kv_b_proj, key rows
+        self.W_UV = nn.Parameter(torch.empty(n_h, c.v_head_dim, d_c))               # kv_b_proj, value rows
+        self.W_O = nn.Linear(n_h * c.v_head_dim, c.hidden_size, bias=False)         # o_proj
+        self.rope = RotaryEmbedding(d_R, c.rope_theta, c.rope_scaling)
+        self.scale = c.softmax_scale
+        bound = 1 / math.sqrt(d_c)  # the same range nn.Linear(d_c, ...) would use
+        nn.init.uniform_(self.W_UK, -bound, bound)
+        nn.init.uniform_(self.W_UV, -bound, bound)
+
+    @staticmethod
+    def _check_mode(mode: str) -> str:
+        if mode not in MLA_MODES:
+            raise ValueError(f"unknown MLA mode {mode!r}; choose one of {MLA_MODES}")
+        return mode
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"{c.name}: n_h={c.num_attention_heads}, d_c={c.kv_lora_rank}, d_h_R={c.qk_rope_head_dim}, "
+                f"mode={self.mode!r}")
+
+    # --- caches ------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int, mode: str | None = None,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KVCache:
+        """An empty cache. Expanded mode: per-head K and V. Latent/absorbed: one buffer
+        ``latent`` of width d_c + d_h_R holding [c_KV, k_R] (576 values per token for V3)."""
+        mode = self._check_mode(mode or self.mode)
+        weight = self.W_O.weight
+        return KVCache(batch_size, max_len, self._cache_shapes(mode), dtype or weight.dtype,
+                       device or weight.device, mode=mode)
+
+    def _cache_shapes(self, mode: str) -> dict[str, tuple[int, int]]:
+        c = self.config
+        if mode == "expanded":
+            return {"k": (c.num_attention_heads, c.qk_head_dim), "v": (c.num_attention_heads, c.v_head_dim)}
+        return {"latent": (1, c.latent_cache_dim)}
+
+    def _resolve_mode(self, mode: str | None, cache: KVCache | None) -> str:
+        if cache is None:
+            return self._check_mode(mode or self.mode)
+        if cache.mode not in MLA_MODES:
+            raise ValueError(f"this cache was made for mode {cache.mode!r}, not by an MLA layer; "
+                             f"use MultiHeadLatentAttention.new_cache()")
+        mode = self._check_mode(mode or cache.mode)
+        if (mode == "expanded") != (cache.mode == "expanded"):
+            raise ValueError(f"mode {mode!r} cannot use a cache made for mode {cache.mode!r}: the expanded "
+                             f"cache holds per-head K/V, the latent and absorbed modes share a latent cache")
+        if cache.shapes != self._cache_shapes(cache.mode):
+            raise ValueError(f"this cache holds {cache.shapes} per token, this layer needs "
+                             f"{self._cache_shapes(cache.mode)}; make it with this layer's new_cache()")
+        return mode
+
+    # --- the computation -----------------------------------------------------------------------
+    def uses_absorbed_path(self, num_new: int, num_total: int) -> bool:
+        """Whether absorbed mode computes ``num_new`` queries over ``num_total`` keys absorbed.
+
+        FLOPs per head, for T new queries over S keys (d_c latent, d_h content, d_v value dims):
+        absorbed pays T·S·2(2·d_c + d_h_R) for scores and values plus T·2·d_c(d_h + d_v) to move
+        queries and outputs in and out of latent space; expanded pays S·2·d_c(d_h + d_v) to expand
+        every cached token plus T·S·2(d_h + d_h_R + d_v). Decode (T = 1) is always absorbed.
+        """
+        if num_new == 1 or self.absorb_prefill:
+            return True
+        if self.absorb_prefill is False:
+            return False
+        c = self.config
+        d_c, d_h, d_v = c.kv_lora_rank, c.qk_nope_head_dim, c.v_head_dim
+        extra_per_pair = 2 * d_c - d_h - d_v  # absorbed minus expanded, per (query, key) pair / 2
+        return num_new * num_total * extra_per_pair < (num_total - num_new) * d_c * (d_h + d_v)
+
+    def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head K and V from cached latents (B, 1, S, d_c + d_h_R):
+        K = [W_UK c_KV, k_R] (B, n_h, S, d_h + d_h_R) and V = W_UV c_KV (B, n_h, S, d_v)."""
+        d_c = self.config.kv_lora_rank
+        c_KV, k_R = latent[:, 0, :, :d_c], latent[:, :, :, d_c:]                      # (B, S, d_c), (B, 1, S, d_h_R)
+        k_C = torch.einsum("bsc,hdc->bhsd", c_KV, self.W_UK)                          # (B, n_h, S, d_h)
+        v = torch.einsum("bsc,hvc->bhsv", c_KV, self.W_UV)                            # (B, n_h, S, d_v)
+        k = torch.cat([k_C, k_R.expand(-1, k_C.shape[1], -1, -1)], dim=-1)           # (B, n_h, S, d_h + d_h_R)
+        return k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mode: str | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). With a cache, the T tokens follow the cached ones.
+
+        ``mode`` defaults to the cache's mode, else the layer's."""
+        c = self.config
+        check_input(self, x, c.hidden_size)
+        mode = self._resolve_mode(mode, cache)
+        start = 0
+        if cache is not None:
+            cache.check_input(x)
+            start = cache.length
+        B, T, _ = x.shape
+        n_h, d_c = c.num_attention_heads, c.kv_lora_rank
+        cos, sin = self.rope(torch.arange(start, start + T, device=x.device))         # (T, d_h_R / 2) each
+
+        # Queries: content part q_C and decoupled RoPE part q_R, per head.
+        c_Q = self.q_norm(self.W_DQ(x)) if self.W_DQ is not None else x              # (B, T, d_c_q)
+        q_C = self.W_UQ(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h)
+        q_R = self.W_QR(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h_R)
+        q_R = apply_rope(q_R, cos, sin, c.rope_interleave)
+
+        # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
+        c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
+        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, c.rope_interleave)      # (B, 1, T, d_h_R)
+        latent = torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                          # (B, 1, T, d_c + d_h_R)
+
+        if mode == "expanded":
+            k, v = self.expand(latent)                                                # new tokens only
+            if cache is not None:
+                k, v = cache.update(k=k, v=v).values()                                # (B, n_h, S, ...)
+            out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale)          # (B, n_h, T, d_v)
+        else:
+            if cache is not None:
+                latent = cache.update(latent=latent)["latent"]                        # (B, 1, S, d_c + d_h_R)
+            if mode == "latent" or not self.uses_absorbed_path(T, latent.shape[2]):
+                k, v = self.expand(latent)                                            # every cached token
+                out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale)      # (B, n_h, T, d_v)
+            else:
+                # Absorption: q_C·(W_UK c) = (W_UKᵀ q_C)·c, so score queries in latent space ...
+                q_lat = torch.einsum("bhtd,hdc->bhtc", q_C, self.W_UK)               # (B, n_h, T, d_c)
+                # ... as an MQA whose single key is [c_KV, k_R] and single value is c_KV ...
+                o_lat = attention(torch.cat([q_lat, q_R], dim=-1), latent, latent[..., :d_c], self.scale)
+                # ... and move the weighted latents to each head's value space afterwards.
+                out = torch.einsum("bhtc,hvc->bhtv", o_lat, self.W_UV)               # (B, n_h, T, d_v)
+        return self.W_O(out.transpose(1, 2).reshape(B, T, n_h * c.v_head_dim))

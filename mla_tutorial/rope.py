@@ -1,0 +1,113 @@
+"""Rotary position embeddings (RoPE) and YaRN context extension.
+
+RoPE rotates pairs of dimensions of a query or key by an angle proportional to the token's
+position, so the dot product of a rotated query and key depends only on their distance.
+Two pair layouts exist in the wild, and mixing them up is a classic bug:
+
+* half-split (GPT-NeoX / Llama / HF ``rotate_half``): pair ``i`` is ``(x[i], x[i + d/2])``;
+* interleaved (RoFormer, DeepSeek's checkpoints, HF ``rope_interleave=True``): pair ``i`` is
+  ``(x[2i], x[2i + 1])``.
+
+Defined in chapter 06; used by :mod:`mla_tutorial.attention` and :mod:`mla_tutorial.mla`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import yarn_get_mscale
+
+__all__ = ["rope_inv_freq", "yarn_inv_freq", "apply_rope", "RotaryEmbedding"]
+
+
+def rope_inv_freq(dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angular frequency of each of the ``dim // 2`` pairs: ``theta ** (-2i / dim)``, in fp32."""
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"RoPE dimension must be a positive even number, got {dim}")
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+def yarn_inv_freq(dim: int, theta: float, rope_scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN frequencies and the cos/sin magnitude factor (Peng et al., 2023).
+
+    High-frequency pairs (many rotations within the original context) keep their frequency
+    (extrapolation); low-frequency pairs are divided by ``factor`` (interpolation); a linear
+    ramp between ``beta_fast`` and ``beta_slow`` rotations blends the two. Matches the formula in
+    DeepSeek's reference code and in Hugging Face ``transformers``.
+    """
+    base = rope_inv_freq(dim, theta)
+    factor = float(rope_scaling["factor"])
+    original = rope_scaling["original_max_position_embeddings"]
+    beta_fast = rope_scaling.get("beta_fast") or 32
+    beta_slow = rope_scaling.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        # the pair index whose wavelength fits `num_rotations` times into the original context
+        return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope_scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: keep the original frequency, 0: interpolate fully
+    inv_freq = base / factor * (1 - keep) + base * keep
+
+    attention_factor = rope_scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the last dimension of ``x`` (..., T, d) by per-position angles.
+
+    ``cos`` and ``sin`` are (T, d/2), one angle per pair, broadcast over leading dims.
+    The result is returned in the half-split layout in both conventions: for ``interleaved``
+    input the pairs are gathered first, which changes no dot product (queries and keys are
+    permuted alike) and is what Hugging Face's ``apply_rotary_pos_emb_interleave`` returns.
+    Computed in fp32, returned in ``x``'s dtype.
+    """
+    if x.shape[-1] != 2 * cos.shape[-1]:
+        raise ValueError(f"apply_rope: last dim of x ({x.shape[-1]}) must be twice the number of "
+                         f"angles ({cos.shape[-1]})")
+    xf = x.float()
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+    cos, sin = cos.float(), sin.float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, with optional YaRN scaling.
+
+    >>> rope = RotaryEmbedding(64)
+    >>> cos, sin = rope(torch.arange(10))   # each (10, 32)
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None):
+        super().__init__()
+        if rope_scaling is None:
+            inv_freq, self.attention_factor = rope_inv_freq(dim, theta), 1.0
+        else:
+            inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, rope_scaling)
+        self.dim = dim
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32."""
+        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
