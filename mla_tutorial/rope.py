@@ -76,17 +76,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     The result is returned in the half-split layout in both conventions: for ``interleaved``
     input the pairs are gathered first, which changes no dot product (queries and keys are
     permuted alike) and is what Hugging Face's ``apply_rotary_pos_emb_interleave`` returns.
-    Computed in fp32, returned in ``x``'s dtype.
+    Computed in fp32 (or fp64 for fp64 input), returned in ``x``'s dtype.
     """
     if x.shape[-1] != 2 * cos.shape[-1]:
         raise ValueError(f"apply_rope: last dim of x ({x.shape[-1]}) must be twice the number of "
                          f"angles ({cos.shape[-1]})")
-    xf = x.float()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
     else:
         x1, x2 = xf.chunk(2, dim=-1)
-    cos, sin = cos.float(), sin.float()
+    cos, sin = cos.to(compute), sin.to(compute)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
 
