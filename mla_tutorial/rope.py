@@ -106,9 +106,13 @@ class RotaryEmbedding(nn.Module):
         else:
             inv_freq, self.attention_factor = yarn_inv_freq(dim, theta, rope_scaling)
         self.dim = dim
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # A plain attribute, not a buffer, so `model.to(torch.bfloat16)` cannot round it: a bf16
+        # frequency table puts angles whole turns off at long context. It follows the positions' device.
+        self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32."""
-        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor

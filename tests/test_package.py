@@ -233,6 +233,13 @@ def test_rope_scores_depend_only_on_relative_position(interleaved, scaling):
     assert rotated.norm().item() == pytest.approx(q.norm().item() * rope.attention_factor, rel=1e-6)
 
 
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    module = make_mla(MLAConfig.tiny()).to(torch.bfloat16)
+    assert module.rope.inv_freq.dtype == torch.float32
+    cos, _ = module.rope(torch.arange(300, 301))
+    torch.testing.assert_close(cos, make_mla(MLAConfig.tiny()).rope(torch.arange(300, 301))[0])
+
+
 def test_interleaved_rope_is_half_split_rope_of_the_deinterleaved_vector():
     torch.manual_seed(0)
     x = torch.randn(3, 5, 8)
