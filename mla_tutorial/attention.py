@@ -15,6 +15,11 @@ from .rope import RotaryEmbedding, apply_rope
 
 __all__ = ["attention", "MultiHeadAttention", "check_input"]
 
+# Prefill score matrices at least this large (B * heads * T * S entries: 256 MB in fp32) take the
+# CPU's fused attention kernel even when key and value widths differ (see `attention`); smaller
+# ones keep PyTorch's default choice, so small examples give bit-identical results either way.
+_CPU_PAD_MIN_SCORES = 2**26
+
 
 def check_input(module: nn.Module, x: torch.Tensor, width: int) -> None:
     """Raise a clear error unless ``x`` is (batch, tokens, width) with the module's dtype and device."""
@@ -48,6 +53,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     Hkv, S = k.shape[1], k.shape[2]
     if T > 1 and T == S and q.device.type != "mps":
         # Plain prefill: PyTorch's fused kernel never materialises the (T, S) score matrix.
+        Dv = v.shape[-1]
+        if q.device.type == "cpu" and Dv != Dk and B * Hq * T * S >= _CPU_PAD_MIN_SCORES:
+            # On a CPU the fused kernel needs equal key and value widths (MLA's are 192 and 128);
+            # otherwise PyTorch falls back to a path that stores the whole score matrix (8.6 GB
+            # for 128 heads and 4,096 tokens in fp32). Zero columns added to V change nothing.
+            D = max(Dk, Dv)
+            q, k, v = (t if t.shape[-1] == D else F.pad(t, (0, D - t.shape[-1])) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hq != Hkv)
+            return out[..., :Dv]
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hq != Hkv)
     g = Hq // Hkv
     # The g query heads that share a key/value head become g*T rows of one matmul, so shared
