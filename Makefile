@@ -6,7 +6,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch keeps the set-up small; use TORCH_SPEC=torch for your platform's default build.
+# torch==2.13.0 is the CPU build on the machines CI runs on. Elsewhere PyPI's Linux build is the
+# CUDA one; for a small CPU-only install pass the PyTorch CPU index. TORCH_SPEC is passed to pip
+# unquoted, so it may carry options; quote a version range inside it:
+#   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+#   make test TORCH_SPEC="'torch>=2.5'"
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -17,13 +21,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 book: $(STAMP)
 	$(BIN)/python scripts/build_book.py
 
+# tests/test_browser.py builds the book first (scripts/build_book.py) when _build/html is missing
+# or older than its sources, so `make test` needs no `make book` before it.
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
@@ -34,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python -m mla_tutorial.bench
 
 clean:
-	rm -rf _build .pytest_cache .hypothesis
+	rm -rf _build .pytest_cache .hypothesis test-artifacts

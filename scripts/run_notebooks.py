@@ -1,6 +1,6 @@
 """Execute notebooks top to bottom in a fresh kernel and store their outputs (and widget state).
 
-    python scripts/run_notebooks.py                 # every notebook in notebooks/
+    python scripts/run_notebooks.py                 # every notebook in notebooks/ and book/
     python scripts/run_notebooks.py notebooks/02_kv_cache.ipynb
 
 Run it after changing a notebook or the package code it uses, so stored outputs match the code.
@@ -28,7 +28,8 @@ def run(path: pathlib.Path) -> float:
 
 
 def main(argv: list[str]) -> None:
-    paths = [pathlib.Path(a).resolve() for a in argv] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    paths = [pathlib.Path(a).resolve() for a in argv] or (sorted((ROOT / "notebooks").glob("*.ipynb"))
+                                                          + sorted((ROOT / "book").glob("*.ipynb")))
     for path in paths:
         print(f"{path.relative_to(ROOT)}: {run(path):.1f} s", flush=True)
 

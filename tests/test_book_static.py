@@ -1,0 +1,235 @@
+"""Static checks of the book's sources: notebook conventions (CONTRIBUTING.md) and configuration.
+
+These read the files only (no kernel, no build), so they run in a second:
+- the table of contents and the pages it lists agree, and every notebook is in it;
+- every notebook starts with the Colab install cell, installing from the repository URL in
+  _config.yml, and that cell prints nothing;
+- kernel python3; no stored error outputs; cells that assert are tagged, and cells whose output
+  nbval compares (`nbval-check-output`) have output and no stderr;
+- progress bars come from tqdm.auto and render in the static page (stored widget state);
+- widgets in a notebook have their state stored, and pages with controls say that they only
+  recompute in a live kernel.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import re
+import urllib.parse
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+CHECK, IGNORE = "nbval-check-output", "nbval-ignore-output"
+# Widget models a reader would try to move; the stored page cannot recompute them.
+CONTROL_MODELS = re.compile(r"(Slider|Dropdown|Text|Checkbox|ToggleButtons|RadioButtons|Select|Button)"
+                            r"(Model)?$")
+MAX_NOTEBOOK_BYTES = 1_500_000
+
+
+def _toc_files() -> list[str]:
+    files = [TOC["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    for part in TOC.get("parts", []):
+        walk(part.get("chapters"))
+    walk(TOC.get("chapters"))
+    return [str(pathlib.PurePosixPath(f).with_suffix("")) for f in files]
+
+
+TOC_FILES = _toc_files()
+NOTEBOOKS = sorted({*ROOT.joinpath("notebooks").glob("*.ipynb"),
+                    *(ROOT / f"{f}.ipynb" for f in TOC_FILES if (ROOT / f"{f}.ipynb").exists())})
+NB_IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]
+
+
+def _load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _code_cells(nb: dict) -> list[dict]:
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell: dict) -> str:
+    src = cell["source"]
+    return "".join(src) if isinstance(src, list) else src
+
+
+def _python(source: str) -> str:
+    """Cell source with IPython magics and shell escapes blanked, so `ast` can parse it."""
+    return "\n".join(line[:len(line) - len(line.lstrip())] + "pass"
+                     if line.lstrip().startswith(("!", "%")) else line
+                     for line in source.splitlines())
+
+
+def _text(output: dict) -> str:
+    text = output.get("text", "")
+    return "".join(text) if isinstance(text, list) else text
+
+
+def _colab_cell() -> str:
+    url = CONFIG["repository"]["url"].rstrip("/")
+    return ("# Colab only: install the book's helper package (does nothing elsewhere).\n"
+            "import sys\n"
+            'if "google.colab" in sys.modules:\n'
+            f'    !pip -q install "mla_tutorial @ git+{url}"')
+
+
+# --- configuration and table of contents ---------------------------------------------------
+def test_repository_url_is_set_once_and_used_by_the_launch_buttons():
+    repo = CONFIG["repository"]
+    parts = urllib.parse.urlsplit(repo["url"])
+    assert parts.scheme == "https" and parts.netloc == "github.com", repo["url"]
+    assert len(parts.path.strip("/").split("/")) == 2, f"expected github.com/OWNER/REPO: {repo['url']}"
+    assert repo.get("branch"), "_config.yml repository.branch is needed for the launch links"
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert CONFIG["html"]["use_download_button"] is True
+
+
+def test_toc_pages_exist_and_every_notebook_is_listed():
+    missing = [f for f in TOC_FILES
+               if not any((ROOT / f"{f}{s}").exists() for s in (".md", ".ipynb"))]
+    assert not missing, f"_toc.yml lists pages that do not exist: {missing}"
+    assert len(TOC_FILES) == len(set(TOC_FILES)), "a page is listed twice in _toc.yml"
+    unlisted = [str(p.relative_to(ROOT)) for p in ROOT.joinpath("notebooks").glob("*.ipynb")
+                if str(p.relative_to(ROOT).with_suffix("")) not in TOC_FILES]
+    assert not unlisted, f"notebooks missing from _toc.yml (they would not be in the book): {unlisted}"
+
+
+def test_toc_parts_and_back_matter():
+    captions = [part.get("caption") for part in TOC.get("parts", [])]
+    assert captions[0] == "Getting started", captions
+    for page in ("book/setup", "book/glossary"):
+        assert page in TOC_FILES, f"{page} is missing from _toc.yml"
+    assert captions[-1] == "Back matter", captions
+    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/references"]
+
+
+def test_one_bibliography_on_the_references_page():
+    pages = [p for p in ROOT.joinpath("book").rglob("*.md") if "{bibliography}" in p.read_text()]
+    assert [str(p.relative_to(ROOT)) for p in pages] == ["book/references.md"]
+
+
+def test_glossary_defines_every_symbol():
+    text = (ROOT / "book" / "glossary.md").read_text()
+    blocks = re.findall(r"```\{glossary\}\n(.*?)```", text, flags=re.S)
+    terms = {line.strip() for block in blocks for line in block.splitlines()
+             if line and not line.startswith(" ")}
+    wanted = {"d_model", "n_h", "d_h", "d_h_R", "d_c", "d_c_q", "d_v", "c_KV", "c_Q", "k_R", "q_R",
+              "W_DQ", "W_UQ", "W_QR", "W_DKV", "W_UK", "W_UV", "W_KR", "W_O"}
+    assert wanted <= terms, f"glossary lacks {sorted(wanted - terms)}"
+
+
+def test_glossary_values_match_the_package():
+    from mla_tutorial import MLAConfig
+
+    v3 = MLAConfig.deepseek_v3()
+    text = (ROOT / "book" / "glossary.md").read_text()
+    for field in ("hidden_size", "num_attention_heads", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "kv_lora_rank", "q_lora_rank", "v_head_dim"):
+        row = re.search(rf"^\|[^\n]*`{field}`[^\n]*\| (\d+) \|$", text, flags=re.M)
+        assert row, f"no row for {field} in the glossary's table of sizes"
+        assert int(row.group(1)) == getattr(v3, field), f"glossary: {field} = {row.group(1)}"
+
+
+# --- notebooks ------------------------------------------------------------------------------
+@pytest.fixture(params=NOTEBOOKS, ids=NB_IDS)
+def notebook(request) -> tuple[pathlib.Path, dict]:
+    return request.param, _load(request.param)
+
+
+def test_first_code_cell_is_the_colab_cell(notebook):
+    path, nb = notebook
+    cells = _code_cells(nb)
+    assert cells, f"{path.name} has no code cells"
+    first = cells[0]
+    assert _source(first).strip() == _colab_cell(), (
+        f"{path.name}: the first code cell must be the Colab install cell, verbatim:\n{_colab_cell()}")
+    assert not first.get("outputs"), f"{path.name}: the Colab cell printed something outside Colab"
+
+
+def test_kernel_is_python3(notebook):
+    path, nb = notebook
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", path.name
+
+
+def test_notebook_is_executed_without_errors(notebook):
+    path, nb = notebook
+    code = _code_cells(nb)
+    unexecuted = [i for i, c in enumerate(code) if _source(c).strip() and c.get("execution_count") is None]
+    assert not unexecuted, f"{path.name}: code cells {unexecuted} have no stored run (make notebooks)"
+    errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(code)
+              for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert not errors, f"{path.name}: stored error outputs {errors}"
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, (
+        f"{path.name} is {path.stat().st_size:,} bytes; keep notebooks under {MAX_NOTEBOOK_BYTES:,}")
+
+
+def test_claim_cells_are_tagged_and_assert(notebook):
+    path, nb = notebook
+    problems = []
+    for i, cell in enumerate(_code_cells(nb)):
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        tree = ast.parse(_python(_source(cell)))
+        asserts = [n for n in tree.body if isinstance(n, ast.Assert)]
+        if {CHECK, IGNORE} <= tags:
+            problems.append(f"code cell {i} has both {CHECK} and {IGNORE}")
+        if asserts and not tags & {CHECK, IGNORE}:
+            problems.append(f"code cell {i} asserts a claim but is tagged neither {CHECK} nor {IGNORE}")
+        if CHECK in tags and cell.get("execution_count") is not None:
+            outputs = cell.get("outputs", [])
+            streams = [o for o in outputs if o["output_type"] == "stream"]
+            if not (any(o["name"] == "stdout" and _text(o).strip() for o in streams)
+                    or any(o["output_type"] in ("execute_result", "display_data") for o in outputs)):
+                problems.append(f"claim cell {i} ({CHECK}) shows nothing for nbval to compare")
+            if any(o["name"] == "stderr" for o in streams):
+                problems.append(f"claim cell {i} writes to stderr (warnings differ between machines)")
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+def test_progress_bars_use_tqdm_auto_and_render_statically(notebook):
+    path, nb = notebook
+    state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    problems = []
+    for i, cell in enumerate(_code_cells(nb)):
+        src = _source(cell)
+        if re.search(r"^\s*(from tqdm import|import tqdm\b|from tqdm\.(notebook|std) import)", src, re.M):
+            problems.append(f"code cell {i} imports tqdm directly; use `from tqdm.auto import tqdm`, "
+                            "which draws a widget in notebooks and text elsewhere")
+        for out in cell.get("outputs", []):
+            text = _text(out) if out["output_type"] == "stream" else ""
+            if re.search(r"\d+%\|.*\| *\d+/\d+ \[", text):
+                problems.append(f"code cell {i} stored a text progress bar in its {out.get('name')} "
+                                "output (it renders as a stack of partial bars)")
+            view = out.get("data", {}).get(WIDGET_VIEW)
+            if view and view["model_id"] not in state:
+                problems.append(f"code cell {i} shows a widget whose state is not stored; "
+                                "execute with scripts/run_notebooks.py (store_widget_state)")
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+def test_interactive_widgets_say_they_need_a_live_kernel(notebook):
+    path, nb = notebook
+    state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    controls = sorted({m["model_name"] for m in state.values()
+                       if CONTROL_MODELS.search(m.get("model_name", ""))
+                       and m.get("model_module") == "@jupyter-widgets/controls"})
+    if not controls:
+        pytest.skip(f"{path.name} has no interactive controls")
+    prose = " ".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown").lower()
+    assert "live kernel" in prose or "colab or jupyter" in prose, (
+        f"{path.name} has {controls}; say in the text that they recompute only in a live kernel "
+        "(Colab or Jupyter), since the web page shows their stored state")
