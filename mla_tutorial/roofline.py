@@ -282,14 +282,8 @@ def deepseek_v2(attention: str = "mla", weight_bytes_per_param: float = 1.0,
     ``attention="mla"`` (absorbed decode), or ``"mha"``: the same model if its 128 heads of 128
     cached K and V per token (a what-if, to isolate MLA's part).
     """
-    config = MLAConfig.deepseek_v2()
-    kind = {"mla": config, "mha": AttentionConfig.from_mla(config)}.get(attention)
-    if kind is None:
-        raise ValueError(f"attention must be 'mla' or 'mha', got {attention!r}")
-    name = "DeepSeek-V2" if attention == "mla" else "DeepSeek-V2 as MHA"
-    return DecodeModel.from_config(kind, 236e9, 21e9, weight_bytes_per_param=weight_bytes_per_param,
-                                   cache_bytes_per_element=cache_bytes_per_element, name=name,
-                                   source="DeepSeek-V2 (arXiv 2405.04434): 236B total, 21B activated, 60 layers")
+    return _mla_or_mha(MLAConfig.deepseek_v2(), attention, 236e9, 21e9, weight_bytes_per_param,
+                       cache_bytes_per_element, "DeepSeek-V2 (arXiv 2405.04434): 236B total, 21B activated, 60 layers")
 
 
 def deepseek_v3(attention: str = "mla", weight_bytes_per_param: float = 1.0,
@@ -300,14 +294,19 @@ def deepseek_v3(attention: str = "mla", weight_bytes_per_param: float = 1.0,
     served with FP8 weights. Cache in BF16 by default (ASSUMPTION: as FlashMLA's BF16 kernels).
     ``attention="mha"`` is the what-if V3 with 128 heads of 128 cached K and V (57x the cache).
     """
-    config = MLAConfig.deepseek_v3()
+    return _mla_or_mha(MLAConfig.deepseek_v3(), attention, 671e9, 37e9, weight_bytes_per_param,
+                       cache_bytes_per_element, "DeepSeek-V3 (arXiv 2412.19437): 671B total, 37B activated, 61 layers")
+
+
+def _mla_or_mha(config: MLAConfig, attention: str, total_params: float, active_params: float,
+                weight_bytes_per_param: float, cache_bytes_per_element: float, source: str) -> DecodeModel:
+    """The model with MLA (absorbed decode), or the what-if with an MHA cache of the same heads."""
     kind = {"mla": config, "mha": AttentionConfig.from_mla(config)}.get(attention)
     if kind is None:
         raise ValueError(f"attention must be 'mla' or 'mha', got {attention!r}")
-    name = "DeepSeek-V3" if attention == "mla" else "DeepSeek-V3 as MHA"
-    return DecodeModel.from_config(kind, 671e9, 37e9, weight_bytes_per_param=weight_bytes_per_param,
-                                   cache_bytes_per_element=cache_bytes_per_element, name=name,
-                                   source="DeepSeek-V3 (arXiv 2412.19437): 671B total, 37B activated, 61 layers")
+    name = config.name if attention == "mla" else f"{config.name} as MHA"
+    return DecodeModel.from_config(kind, total_params, active_params, weight_bytes_per_param=weight_bytes_per_param,
+                                   cache_bytes_per_element=cache_bytes_per_element, name=name, source=source)
 
 
 # --- the roofline ------------------------------------------------------------------------------

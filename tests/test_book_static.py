@@ -21,6 +21,7 @@ import urllib.parse
 
 import pytest
 import yaml
+from book_toc import toc_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -32,24 +33,7 @@ CHECK, IGNORE = "nbval-check-output", "nbval-ignore-output"
 CONTROL_MODELS = re.compile(r"(Slider|Dropdown|Text|Checkbox|ToggleButtons|RadioButtons|Select|Button)"
                             r"(Model)?$")
 MAX_NOTEBOOK_BYTES = 1_500_000
-
-
-def _toc_files() -> list[str]:
-    files = [TOC["root"]]
-
-    def walk(entries):
-        for entry in entries or []:
-            if "file" in entry:
-                files.append(entry["file"])
-            walk(entry.get("sections"))
-
-    for part in TOC.get("parts", []):
-        walk(part.get("chapters"))
-    walk(TOC.get("chapters"))
-    return [str(pathlib.PurePosixPath(f).with_suffix("")) for f in files]
-
-
-TOC_FILES = _toc_files()
+TOC_FILES = toc_files(TOC)
 NOTEBOOKS = sorted({*ROOT.joinpath("notebooks").glob("*.ipynb"),
                     *(ROOT / f"{f}.ipynb" for f in TOC_FILES if (ROOT / f"{f}.ipynb").exists())})
 NB_IDS = [str(p.relative_to(ROOT)) for p in NOTEBOOKS]

@@ -40,6 +40,7 @@ import urllib.request
 
 import pytest
 import yaml
+from book_toc import toc_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
@@ -74,23 +75,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test n
 
 
 # --- the pages -----------------------------------------------------------------------------
-def _toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(entries):
-        for entry in entries or []:
-            if "file" in entry:
-                files.append(entry["file"])
-            walk(entry.get("sections"))
-
-    for part in toc.get("parts", []):
-        walk(part.get("chapters"))
-    walk(toc.get("chapters"))
-    return [str(pathlib.PurePosixPath(f).with_suffix("")) for f in files]
-
-
-PAGES = _toc_files()
+PAGES = toc_files()
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 
 
