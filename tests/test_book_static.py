@@ -217,3 +217,13 @@ def test_interactive_widgets_say_they_need_a_live_kernel(notebook):
     assert "live kernel" in prose or "colab or jupyter" in prose, (
         f"{path.name} has {controls}; say in the text that they recompute only in a live kernel "
         "(Colab or Jupyter), since the web page shows their stored state")
+
+
+def test_environment_yml_lists_the_same_dependencies_as_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    listed = {r for r in pip if not r.startswith("-")}  # options (index URL, -e .) are not requirements
+    assert listed == wanted, f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
