@@ -10,7 +10,7 @@ from .accounting import bytes_per_element, kv_cache_bytes, kv_cache_elements
 from .attention import MultiHeadAttention, attention
 from .cache import KVCache
 from .config import ATTENTION_PRESETS, AttentionConfig, MLAConfig, yarn_get_mscale
-from .device import describe_device, pick_device, pick_dtype
+from .device import describe_device, pick_device, pick_dtype, synchronize
 from .hf import load_hf_attention, mla_config_from_hf
 from .mla import MLA_MODES, MultiHeadLatentAttention, RMSNorm
 from .rope import RotaryEmbedding, apply_rope, rope_inv_freq, yarn_inv_freq
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ATTENTION_PRESETS", "AttentionConfig", "KVCache", "MLAConfig", "MLA_MODES", "MultiHeadAttention",
     "MultiHeadLatentAttention", "RMSNorm", "RotaryEmbedding", "apply_rope", "attention", "bytes_per_element",
-    "describe_device", "kv_cache_bytes", "kv_cache_elements", "pick_device", "pick_dtype", "rope_inv_freq",
+    "describe_device", "kv_cache_bytes", "kv_cache_elements", "pick_device", "pick_dtype", "rope_inv_freq", "synchronize",
     "yarn_get_mscale", "yarn_inv_freq",
     "load_hf_attention", "mla_config_from_hf",
     "arithmetic_intensity", "attention_bytes_per_cached_token", "attention_flops_per_cached_token",

@@ -48,9 +48,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .accounting import bytes_per_element
 from .attention import MultiHeadAttention
 from .config import AttentionConfig, MLAConfig
-from .device import describe_device, pick_device, pick_dtype
+from .device import describe_device, pick_device, pick_dtype, synchronize
 from .mla import MultiHeadLatentAttention
 from .roofline import attention_flops_per_cached_token
 
@@ -79,18 +80,11 @@ def bench_config(hidden_size: int = 2048, num_attention_heads: int = 128, q_lora
         v_head_dim=v_head_dim, num_hidden_layers=1, name="bench")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -108,7 +102,7 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int | No
     of ``repeats`` after one untimed call: what the machine can do, not what it did while busy."""
     if nbytes is None:
         nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = bytes_per_element(dtype)
     cols = 4096
     rows = max(1, nbytes // (elem * cols))
     with torch.inference_mode():
@@ -183,7 +177,7 @@ class DecodeVariant:
     @property
     def cache_bytes_per_token(self) -> int:
         """Bytes one token of one sequence occupies in this variant's cache (one layer)."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = bytes_per_element(self.dtype)
         return sum(h * d for h, d in self.cache_shapes.values()) * elem
 
     def flops(self, batch: int, context: int) -> float:
@@ -344,7 +338,7 @@ def time_prefill(layer: MultiHeadLatentAttention, tokens: int, mode: str, repeat
 # --- the whole run -------------------------------------------------------------------------------
 def _estimate_peak_bytes(variant: DecodeVariant, batch: int, context: int) -> float:
     """Rough peak memory of a step: the cache, plus the per-head K and V that latent/hf re-expand."""
-    elem = torch.empty((), dtype=variant.dtype).element_size()
+    elem = bytes_per_element(variant.dtype)
     total = batch * (context + 1) * variant.cache_bytes_per_token
     if variant.mode in ("latent", "hf"):
         c = variant.config
