@@ -5,6 +5,8 @@ Defined from scratch in chapter 01 (attention), 02 (the KV cache) and 03 (MQA/GQ
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,18 +44,92 @@ def check_input(module: nn.Module, x: torch.Tensor, width: int) -> None:
                         f"cast one of them, e.g. module.to({x.dtype})")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v, with grouped key/value heads and a causal mask.
+def _check_attention_args(q, k, v, scale, causal, key_mask) -> None:
+    """Clear errors for the shapes, dtypes and devices `attention` needs."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (batch, heads, tokens, dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"attention: {name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise TypeError(f"attention: q, k and v must share dtype and device, got "
+                        f"{q.dtype}/{q.device}, {k.dtype}/{k.device}, {v.dtype}/{v.device}")
+    (B, Hq, T, Dk), (Bk, Hkv, S, Dk2), (Bv, Hv, Sv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"attention: batch sizes differ: q {B}, k {Bk}, v {Bv}")
+    if Hkv != Hv or S != Sv:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same heads and tokens")
+    if Dk != Dk2:
+        raise ValueError(f"attention: q and k must have the same last dim (the score is q·k), got {Dk} and {Dk2}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: the {Hq} query heads must be a multiple of the {Hkv} key/value heads")
+    if min(B, T, S) == 0:
+        raise ValueError(f"attention: empty input (batch {B}, {T} queries, {S} keys)")
+    if T > S:
+        raise ValueError(f"attention: {T} queries but only {S} keys; the T queries are the last T of the "
+                         f"S positions, so T <= S (pass the cached keys too)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"attention: scale must be a positive finite number, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"attention: key_mask must be a bool tensor (True = a key may be seen), "
+                            f"got {getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+        if tuple(key_mask.shape) != (B, S):
+            raise ValueError(f"attention: key_mask must be (batch, keys) = ({B}, {S}), got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"attention: key_mask is on {key_mask.device}, q on {q.device}")
+
+
+def _scores_fp32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q kᵀ accumulated and returned in fp32 or wider (B, H, M, S): fp16 logits overflow past 65,504.
+
+    On a GPU the product is taken in the input dtype with an fp32 output (no fp32 copy of the
+    cache is made) where this PyTorch supports it; elsewhere both sides are upcast."""
+    if q.dtype in (torch.float32, torch.float64):
+        return torch.matmul(q, k.transpose(-1, -2))
+    if q.device.type == "cuda":
+        try:
+            B, H, M, D = q.shape
+            out = torch.bmm(q.reshape(B * H, M, D), k.reshape(B * H, -1, D).transpose(-1, -2), out_dtype=torch.float32)
+            return out.view(B, H, M, -1)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.matmul(q.float(), k.float().transpose(-1, -2))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v, with grouped key/value heads, a causal mask and an optional key mask.
 
     Shapes: q (B, Hq, T, Dk), k (B, Hkv, S, Dk), v (B, Hkv, S, Dv) with Hq a multiple of Hkv;
     returns (B, Hq, T, Dv). The T queries are the last T of the S positions (a decode step
-    has T = 1 and sees every cached key). The softmax runs in fp32 whatever the input dtype.
+    has T = 1 and sees every cached key). ``key_mask`` (B, S) bool marks the keys each sequence
+    may see (False: padding); a query that may see no key at all gets a zero output. Scores and
+    softmax are in fp32 whatever the input dtype. A key a query may not see never reaches its
+    output, even when that key or value is NaN or infinite.
     """
+    _check_attention_args(q, k, v, scale, causal, key_mask)
     B, Hq, T, Dk = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if T > 1 and T == S and q.device.type != "mps":
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    masked = key_mask is not None or (causal and T > 1)
+    if masked:
+        # 0 · NaN is NaN: a non-finite key or value would reach the outputs of queries that may not
+        # see it through the zero in their softmax row. Zero such entries, then mark as NaN the
+        # outputs of the queries that may see one.
+        bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))               # (B, Hkv, S)
+        if bad.any():
+            k, v = k.masked_fill(bad[..., None], 0), v.masked_fill(bad[..., None], 0)
+            out = attention(q, k, v, scale, causal, key_mask)
+            allowed = _allowed(B, T, S, causal, key_mask, q.device)                   # (B or 1, 1, T, S)
+            sees_bad = (allowed & bad[:, :, None, :]).any(-1)                         # (B, Hkv, T)
+            g = Hq // Hkv
+            return out.view(B, Hkv, g, T, Dv).masked_fill(sees_bad[:, :, None, :, None], float("nan")).view_as(out)
+    if key_mask is None and T > 1 and T == S and q.device.type != "mps":
         # Plain prefill: PyTorch's fused kernel never materialises the (T, S) score matrix.
-        Dv = v.shape[-1]
         if q.device.type == "cpu" and Dv != Dk and B * Hq * T * S >= _CPU_PAD_MIN_SCORES:
             # On a CPU the fused kernel needs equal key and value widths (MLA's are 192 and 128);
             # otherwise PyTorch falls back to a path that stores the whole score matrix (8.6 GB
@@ -67,12 +143,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     # The g query heads that share a key/value head become g*T rows of one matmul, so shared
     # keys and values are read once and never copied (this is why MQA/GQA decode is cheap).
     qg = q.reshape(B, Hkv, g * T, Dk)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, g*T, S)
+    scores = _scores_fp32(qg, k) * scale                                              # (B, Hkv, g*T, S)
+    if masked:
+        allowed = _allowed(B, T, S, causal, key_mask, q.device)                       # (B or 1, 1, T, S)
+        scores = scores.view(B, Hkv, g, T, S).masked_fill(~allowed[:, :, None], float("-inf")).view(B, Hkv, g * T, S)
+    probs = torch.softmax(scores, dim=-1)
+    if key_mask is not None:
+        # A query that may see no key has a row of -inf and a NaN softmax: give it a zero output.
+        no_key = ~allowed.any(-1)                                                     # (B, 1, T)
+        probs = probs.view(B, Hkv, g, T, S).masked_fill(no_key[:, :, None, :, None], 0.0).view(B, Hkv, g * T, S)
+    return torch.matmul(probs.to(v.dtype), v).view(B, Hq, T, Dv)                      # (B, Hq, T, Dv)
+
+
+def _allowed(B: int, T: int, S: int, causal: bool, key_mask: torch.Tensor | None,
+             device: torch.device) -> torch.Tensor:
+    """(B or 1, 1, T, S) bool: which of the S keys each of the T queries may see."""
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device)
     if causal and T > 1:
-        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
-        scores = scores.view(B, Hkv, g, T, S).masked_fill(~allowed, float("-inf")).view(B, Hkv, g * T, S)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(B, Hq, T, v.shape[-1])  # (B, Hq, T, Dv)
+        allowed = allowed.tril(S - T)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    return allowed
 
 
 class MultiHeadAttention(nn.Module):
@@ -132,8 +224,12 @@ class MultiHeadAttention(nn.Module):
         return KVCache(batch_size, max_len, {"k": shape, "v": shape}, dtype or weight.dtype,
                        device or weight.device, mode="mha")
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x (B, T, d_model) -> (B, T, d_model). With a cache, the T tokens follow the cached ones."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). With a cache, the T tokens follow the cached ones.
+
+        ``key_mask`` (B, S) bool, S = cached + new tokens, marks the real tokens of each sequence
+        (False: padding, never attended to); see :func:`attention`."""
         check_input(self, x, self.hidden_size)
         start = 0
         if cache is not None:
@@ -151,5 +247,5 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k=k, v=v).values()                                    # (B, n_kv, S, d_h)
-        out = attention(q, k, v, self.scale)                                          # (B, n_h, T, d_h)
+        out = attention(q, k, v, self.scale, key_mask=key_mask)                       # (B, n_h, T, d_h)
         return self.W_O(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

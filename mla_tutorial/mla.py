@@ -161,10 +161,13 @@ class MultiHeadLatentAttention(nn.Module):
         k = torch.cat([k_C, k_R.expand(-1, k_C.shape[1], -1, -1)], dim=-1)           # (B, n_h, S, d_h + d_h_R)
         return k, v
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mode: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, mode: str | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model). With a cache, the T tokens follow the cached ones.
 
-        ``mode`` defaults to the cache's mode, else the layer's."""
+        ``mode`` defaults to the cache's mode, else the layer's. ``key_mask`` (B, S) bool, S =
+        cached + new tokens, marks the real tokens of each sequence (False: padding, never
+        attended to); see :func:`~mla_tutorial.attention.attention`."""
         c = self.config
         check_input(self, x, c.hidden_size)
         mode = self._resolve_mode(mode, cache)
@@ -191,18 +194,19 @@ class MultiHeadLatentAttention(nn.Module):
             k, v = self.expand(latent)                                                # new tokens only
             if cache is not None:
                 k, v = cache.update(k=k, v=v).values()                                # (B, n_h, S, ...)
-            out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale)          # (B, n_h, T, d_v)
+            out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale, key_mask=key_mask)
         else:
             if cache is not None:
                 latent = cache.update(latent=latent)["latent"]                        # (B, 1, S, d_c + d_h_R)
             if mode == "latent" or not self.uses_absorbed_path(T, latent.shape[2]):
                 k, v = self.expand(latent)                                            # every cached token
-                out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale)      # (B, n_h, T, d_v)
+                out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale, key_mask=key_mask)
             else:
                 # Absorption: q_C·(W_UK c) = (W_UKᵀ q_C)·c, so score queries in latent space ...
                 q_lat = torch.einsum("bhtd,hdc->bhtc", q_C, self.W_UK)               # (B, n_h, T, d_c)
                 # ... as an MQA whose single key is [c_KV, k_R] and single value is c_KV ...
-                o_lat = attention(torch.cat([q_lat, q_R], dim=-1), latent, latent[..., :d_c], self.scale)
+                o_lat = attention(torch.cat([q_lat, q_R], dim=-1), latent, latent[..., :d_c], self.scale,
+                                  key_mask=key_mask)
                 # ... and move the weighted latents to each head's value space afterwards.
                 out = torch.einsum("bhtc,hvc->bhtv", o_lat, self.W_UV)               # (B, n_h, T, d_v)
-        return self.W_O(out.transpose(1, 2).reshape(B, T, n_h * c.v_head_dim))
+        return self.W_O(out.transpose(1, 2).reshape(B, T, n_h * c.v_head_dim))          # out: (B, n_h, T, d_v)

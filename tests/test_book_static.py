@@ -14,6 +14,7 @@ These read the files only (no kernel, no build), so they run in a second:
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import pathlib
 import re
@@ -64,12 +65,15 @@ def _text(output: dict) -> str:
     return "".join(text) if isinstance(text, list) else text
 
 
-def _colab_cell() -> str:
-    url = CONFIG["repository"]["url"].rstrip("/")
-    return ("# Colab only: install the book's helper package (does nothing elsewhere).\n"
-            "import sys\n"
-            'if "google.colab" in sys.modules:\n'
-            f'    !pip -q install "mla_tutorial @ git+{url}"')
+def _install_script():
+    """scripts/sync_install_cell.py, the one writer of the install cell (imported by path)."""
+    spec = importlib.util.spec_from_file_location("sync_install_cell", ROOT / "scripts" / "sync_install_cell.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+INSTALL = _install_script()
 
 
 # --- configuration and table of contents ---------------------------------------------------
@@ -140,9 +144,30 @@ def test_first_code_cell_is_the_colab_cell(notebook):
     cells = _code_cells(nb)
     assert cells, f"{path.name} has no code cells"
     first = cells[0]
-    assert _source(first).strip() == _colab_cell(), (
-        f"{path.name}: the first code cell must be the Colab install cell, verbatim:\n{_colab_cell()}")
+    want = INSTALL.install_cell(nb["metadata"].get("mla_book", {}).get("extras", []))
+    assert _source(first).strip() == want, (
+        f"{path.name}: the first code cell must be the Colab install cell; run "
+        f"`python scripts/sync_install_cell.py`, which writes it from _config.yml:\n{want}")
     assert not first.get("outputs"), f"{path.name}: the Colab cell printed something outside Colab"
+
+
+def test_install_cell_takes_the_repository_url_from_the_config_only():
+    url = CONFIG["repository"]["url"].rstrip("/")
+    cell = INSTALL.install_cell(["hf"])
+    assert f'"mla_tutorial[hf] @ git+{url}"' in cell and "%pip" in cell, cell
+    host = urllib.parse.urlsplit(url).path.strip("/").split("/")[0]
+    hard_coded = [p.name for p in NOTEBOOKS for c in _code_cells(_load(p))[1:]
+                  if f"github.com/{host}" in _source(c)]
+    assert not hard_coded, f"notebooks hard-code the repository URL outside the install cell: {hard_coded}"
+
+
+def test_notebooks_that_import_transformers_install_the_hf_extra(notebook):
+    path, nb = notebook
+    uses = any(re.search(r"^\s*(import transformers|from transformers)|\"hf\"", _source(c), re.M)
+               for c in _code_cells(nb))
+    extras = nb["metadata"].get("mla_book", {}).get("extras", [])
+    if uses:
+        assert "hf" in extras, f"{path.name} uses transformers: add \"hf\" to its metadata mla_book.extras"
 
 
 def test_kernel_is_python3(notebook):
