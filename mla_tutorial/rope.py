@@ -111,8 +111,20 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32."""
+        """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32; (B, T) -> (B, T, dim/2)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+    def tables(self, positions: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a (batch, heads, tokens, dim) tensor: (T,) positions shared by the batch give
+        (T, dim/2) each; (B, T) positions, one per sequence and token, give (B, 1, T, dim/2)."""
+        if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got "
+                            f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        if tuple(positions.shape) not in ((tokens,), (batch, tokens)):
+            raise ValueError(f"positions must be (T,) = ({tokens},) or (B, T) = ({batch}, {tokens}), "
+                             f"got {tuple(positions.shape)}")
+        cos, sin = self(positions)
+        return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
