@@ -17,47 +17,15 @@ import sys
 import pytest
 import torch
 
-from mla_tutorial.attention import attention
-from mla_tutorial.kernels import (DecodeProblem, TritonUnavailableError, check_decode_inputs, choose_num_splits,
-                                  fp8_row_bytes, paged_mla_decode, triton_available)
+from mla_tutorial.kernels import (DecodeProblem, check_decode_inputs, choose_num_splits, kernels_unavailable_reason,
+                                  paged_mla_decode, triton_available)
+from mla_tutorial.paged import paged_absorbed_attention as oracle
+from mla_tutorial.quant import fp8_row_bytes, pack_fp8, unpack_fp8
 
-needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton cannot be imported; the kernel tests need it "
-                                  "(pip install -e \".[kernels]\")")
+UNAVAILABLE = kernels_unavailable_reason()
+needs_triton = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"the kernel tests need Triton: {UNAVAILABLE}")
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
-
-
-# --- scratch oracle and FP8 packing (until mla_tutorial.paged and mla_tutorial.quant land) ---------------
-def _oracle(q_lat, q_R, kv_pool, block_table, seq_lens, scale):
-    B, T, H, d_c = q_lat.shape
-    o = torch.zeros(B, T, H, d_c, dtype=q_lat.dtype)
-    lse = torch.full((B, T, H), float("-inf"))
-    bs = kv_pool.shape[1]
-    for b in range(B):
-        S = int(seq_lens[b])
-        if S == 0:
-            continue
-        pos = torch.arange(S)
-        rows = kv_pool[block_table[b, pos // bs].long(), pos % bs][None, None]     # (1, 1, S, W)
-        q = torch.cat([q_lat[b], q_R[b]], -1).transpose(0, 1)[None]                 # (1, H, T, W)
-        o[b] = attention(q, rows, rows[..., :d_c], scale, causal=True)[0].transpose(0, 1)
-        s = (q.float() @ rows.float().transpose(-1, -2))[0] * scale                 # (H, T, S)
-        s = s.masked_fill(pos > (S - T + torch.arange(T))[:, None], float("-inf"))
-        lse[b] = torch.logsumexp(s, -1).transpose(0, 1)
-    return o, lse
-
-
-def _pack_fp8(pool: torch.Tensor, d_c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    nb, bs, _ = pool.shape
-    tiles = pool[..., :d_c].float().view(nb, bs, d_c // 128, 128)
-    amax = tiles.abs().amax(-1)
-    sc = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
-    q = (tiles / sc[..., None]).to(torch.float8_e4m3fn)
-    k_R = pool[..., d_c:].to(torch.bfloat16)
-    packed = torch.cat([q.view(nb, bs, d_c).view(torch.uint8), sc.contiguous().view(torch.uint8),
-                        k_R.contiguous().view(torch.uint8)], -1).contiguous()
-    dequant = torch.cat([(q.float() * sc[..., None]).view(nb, bs, d_c), k_R.float()], -1)
-    return packed, dequant
 
 
 # --- test problems ---------------------------------------------------------------------------------------
@@ -104,7 +72,7 @@ def test_lengths_around_a_64_token_block(dtype):
     args = _problem([0, 1, 63, 64, 65], H=5, d_c=64, d_R=16, block_size=64, dtype=dtype)
     for splits in (1, 3):
         o, lse = paged_mla_decode(*args, num_splits=splits)
-        _check((o, lse), _oracle(*args), dtype)
+        _check((o, lse), oracle(*args), dtype)
         assert (o[0] == 0).all() and (lse[0] == float("-inf")).all(), "length 0: zeros and lse = -inf"
 
 
@@ -113,7 +81,7 @@ def test_lengths_around_a_64_token_block(dtype):
 @pytest.mark.parametrize("T", [2, 3])
 def test_several_new_queries_are_causal_among_themselves(dtype, T):
     args = _problem([3, 17, 40], T=T, H=6, block_size=8, dtype=dtype, seed=T)
-    _check(paged_mla_decode(*args, num_splits=2), _oracle(*args), dtype)
+    _check(paged_mla_decode(*args, num_splits=2), oracle(*args), dtype)
     # the first new query of a sequence must not see the ones after it: change the last key only
     q_lat, q_R, pool, table, lens, scale = args
     o1, _ = paged_mla_decode(*args)
@@ -130,7 +98,7 @@ def test_several_new_queries_are_causal_among_themselves(dtype, T):
 def test_head_counts_that_are_not_powers_of_two(H):
     # 20 heads x 2 queries = 40 rows: three row blocks of 16, the last one part-empty
     args = _problem([5, 33], T=2, H=H, d_c=48, d_R=8, block_size=16, seed=H)
-    _check(paged_mla_decode(*args), _oracle(*args), torch.float32)
+    _check(paged_mla_decode(*args), oracle(*args), torch.float32)
 
 
 @needs_triton
@@ -146,7 +114,7 @@ def test_splits_merge_to_the_unsplit_result():
 @needs_triton
 def test_float16_and_tile_sizes():
     args = _problem([50, 7], T=2, H=3, block_size=16, dtype=torch.float16, seed=4)
-    ref = _oracle(*args)
+    ref = oracle(*args)
     for block_h, block_n in ((16, 16), (32, 64)):
         _check(paged_mla_decode(*args, block_h=block_h, block_n=block_n, num_splits=2), ref, torch.float16)
 
@@ -156,14 +124,19 @@ def test_float16_and_tile_sizes():
 def test_fp8_pool_is_dequantized_inside_the_kernel(dtype):
     q_lat, q_R, pool, table, lens, scale = _problem([0, 2, 40], T=2, H=3, d_c=256, d_R=16, block_size=16,
                                                     seed=5)
-    packed, dequant = _pack_fp8(pool, 256)
+    packed = pack_fp8(pool, 256)
+    dequant = unpack_fp8(packed, 256)
     assert packed.shape[-1] == fp8_row_bytes(256, 16) == 256 + 8 + 32
     # NaN in every byte no sequence owns: 0xFF is NaN as e4m3, as fp32 scale and as bf16
     owned = torch.isfinite(pool).all(-1)
     packed[~owned] = 0xFF
     q_lat, q_R = q_lat.to(dtype), q_R.to(dtype)
-    out = paged_mla_decode(q_lat, q_R, packed, table, lens, scale, num_splits=2)
-    _check(out, _oracle(q_lat, q_R, dequant.to(dtype), table, lens, scale), dtype)
+    out = paged_mla_decode(q_lat, q_R, packed, table, lens, scale, "fp8", num_splits=2)
+    _check(out, oracle(q_lat, q_R, packed, table, lens, scale, "fp8"), dtype)
+    # a scale tile of 64 values instead of FlashMLA's 128
+    packed = pack_fp8(dequant, 256, tile=64)
+    _check(paged_mla_decode(q_lat, q_R, packed, table, lens, scale, "fp8", tile=64),
+           oracle(q_lat, q_R, packed, table, lens, scale, "fp8", tile=64), dtype)
 
 
 def test_fp8_row_is_656_bytes_for_deepseek_v3():
@@ -190,7 +163,11 @@ def _call(**changes):
     (lambda a: dict(kv_pool=a[2][..., :-1]), ValueError, "wide"),
     (lambda a: dict(kv_pool=a[2].half()), TypeError, "kv_pool is torch.float16"),
     (lambda a: dict(kv_pool=a[2].transpose(1, 2)), ValueError, "contiguous"),
-    (lambda a: dict(kv_pool=a[2].to(torch.uint8)), ValueError, "multiple of 128"),
+    (lambda a: dict(kv_pool=a[2].to(torch.uint8)), ValueError, "kv_format='fp8'"),
+    (lambda a: dict(kv_pool=a[2].to(torch.uint8), kv_format="fp8"), ValueError, "divides d_c = 32"),
+    (lambda a: dict(kv_pool=a[2].to(torch.uint8), kv_format="int8"), ValueError, "torch reference"),
+    (lambda a: dict(kv_format="fp9"), ValueError, "unknown latent cache format"),
+    (lambda a: dict(kv_format="bf16"), TypeError, "kv_format is 'bf16'"),
     (lambda a: dict(block_table=a[3].long()), TypeError, "torch.int32"),
     (lambda a: dict(seq_lens=a[4].float()), TypeError, "torch.int32"),
     (lambda a: dict(block_table=a[3][:1]), ValueError, "(batch, max_blocks_per_seq)"),
@@ -204,7 +181,7 @@ def _call(**changes):
     (lambda a: dict(q_lat="q"), TypeError, "torch.Tensor"),
 ])
 def test_bad_input_gets_a_clear_error(change, error, words):
-    with pytest.raises(error, match=None) as info:
+    with pytest.raises(error) as info:
         _call(**change(_good()))
     assert words in str(info.value), str(info.value)
 
@@ -213,7 +190,7 @@ def test_fp8_pool_width_is_checked():
     q_lat, q_R, _, table, lens, scale = _problem([5, 20], T=2, H=3, d_c=128, d_R=16, block_size=8)
     pool = torch.zeros(10, 8, fp8_row_bytes(128, 16) + 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bytes per token"):
-        check_decode_inputs(q_lat, q_R, pool, table, lens, scale)
+        check_decode_inputs(q_lat, q_R, pool, table, lens, scale, "fp8")
 
 
 def test_entries_past_a_sequence_end_are_not_checked_or_read():
@@ -223,7 +200,7 @@ def test_entries_past_a_sequence_end_are_not_checked_or_read():
     problem = check_decode_inputs(q_lat, q_R, pool, table, lens, scale)
     assert problem == DecodeProblem(2, 2, 3, 32, 16, 8, pool.shape[0], table.shape[1], 20, False)
     if triton_available():
-        _check(paged_mla_decode(q_lat, q_R, pool, table, lens, scale), _oracle(q_lat, q_R, pool, table, lens, scale),
+        _check(paged_mla_decode(q_lat, q_R, pool, table, lens, scale), oracle(q_lat, q_R, pool, table, lens, scale),
                torch.float32)
 
 

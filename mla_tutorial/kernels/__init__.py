@@ -3,6 +3,9 @@
 >>> from mla_tutorial.kernels import paged_mla_decode
 >>> o_lat, lse = paged_mla_decode(q_lat, q_R, kv_pool, block_table, seq_lens, scale)  # doctest: +SKIP
 
+:func:`paged_mla_decode` takes the arguments of the torch reference
+:func:`mla_tutorial.paged.paged_absorbed_attention` and returns what it returns.
+
 Triton is optional (``pip install -e ".[kernels]"``). This package imports without it, and so
 does the rest of ``mla_tutorial``; only calling a kernel without Triton raises
 :class:`TritonUnavailableError`, which says how to install it. Bad arguments raise a clear error
@@ -17,20 +20,27 @@ environment: when ``TRITON_INTERPRET`` is unset and torch sees no CUDA device, i
 and a reader's own in a notebook, then run in the interpreter. It never overrides a value you
 set: ``TRITON_INTERPRET=0`` keeps Triton's compiler, ``TRITON_INTERPRET=1`` forces the
 interpreter on a GPU machine. Import this package before you define kernels of your own.
-:func:`triton_mode` tells which mode the package's kernels run in.
+:func:`triton_mode` tells which mode the package's kernels run in, :func:`kernels_unavailable_reason`
+why they cannot run (``None`` when they can).
+
+The interpreter needs Triton 3.2 or newer (3.0 and 3.1 give wrong results), and 3.7 or newer
+with NumPy 2.4 or newer (older interpreters convert one-element arrays with ``int()``, which
+NumPy 2.4 refuses).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import torch
 
-from .checks import DecodeProblem, check_decode_inputs, fp8_row_bytes
+from ..quant import TILE, LatentFormat
+from .checks import DecodeProblem, check_decode_inputs
 
-__all__ = ["paged_mla_decode", "choose_num_splits", "triton_available", "triton_mode", "TritonUnavailableError",
-           "DecodeProblem", "check_decode_inputs", "fp8_row_bytes", "INTERPRETER_SET_BY_PACKAGE"]
+__all__ = ["paged_mla_decode", "choose_num_splits", "triton_available", "triton_mode", "kernels_unavailable_reason",
+           "TritonUnavailableError", "DecodeProblem", "check_decode_inputs", "INTERPRETER_SET_BY_PACKAGE"]
 
 #: True when importing this package set TRITON_INTERPRET=1 (no CUDA device, variable unset).
 INTERPRETER_SET_BY_PACKAGE = False
@@ -42,7 +52,7 @@ _INSTALL_HINT = 'pip install -e ".[kernels]" (or pip install "triton>=3.2")'
 
 
 class TritonUnavailableError(ImportError):
-    """A kernel was called but Triton cannot be imported."""
+    """A kernel was called but Triton cannot be imported (or its interpreter cannot run it here)."""
 
 
 def _triton_import_error() -> str | None:
@@ -67,6 +77,36 @@ def _decode_module():
                                      f"install it with {_INSTALL_HINT}")
     from . import decode  # defines (decorates) the kernels: TRITON_INTERPRET is read now
     return decode
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", text).groups()
+    return int(major), int(minor)
+
+
+def _interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels with this Triton and NumPy (None: it can)."""
+    import numpy
+    import triton
+
+    have, numpy_have = _version(triton.__version__), _version(numpy.__version__)
+    if have < (3, 2):
+        return f"Triton {triton.__version__}'s interpreter computes these kernels wrongly; it needs Triton >= 3.2"
+    if have < (3, 7) and numpy_have >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} (it needs Triton "
+                f">= 3.7 with NumPy >= 2.4, or NumPy < 2.4)")
+    return None
+
+
+def kernels_unavailable_reason() -> str | None:
+    """Why the kernels cannot run on this machine, or None when they can: Triton cannot be
+    imported, or it runs in its interpreter and this Triton/NumPy pair cannot run them."""
+    reason = _triton_import_error()
+    if reason is not None:
+        return f"Triton cannot be imported ({reason}); install it with {_INSTALL_HINT}"
+    if _decode_module().INTERPRETED:
+        return _interpreter_problem()
+    return None
 
 
 def triton_mode() -> str:
@@ -102,15 +142,17 @@ def _check_positive_int(name: str, value, allow_none: bool = True) -> None:
 
 
 def paged_mla_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None, block_h: int = 16,
-                     block_n: int = 32, num_warps: int | None = None, num_stages: int | None = None,
+                     seq_lens: torch.Tensor, scale: float, kv_format: str | LatentFormat | None = None,
+                     tile: int = TILE, *, num_splits: int | None = None, block_h: int = 16, block_n: int = 32,
+                     num_warps: int | None = None, num_stages: int | None = None,
                      check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Absorbed MLA attention of T new queries per sequence over the paged latent cache, fused.
 
     Shapes (the layout of ``mla_tutorial.paged``): ``q_lat`` (B, T, n_h, d_c) = W_UKᵀ q_C,
     ``q_R`` (B, T, n_h, d_h_R) with RoPE applied, in bf16, fp16 or fp32; ``kv_pool``
     (num_blocks, block_size, d_c + d_h_R) rows [c_KV, k_R] in the queries' dtype, or
-    torch.uint8 (num_blocks, block_size, 656) in the FP8 layout; ``block_table`` int32
+    torch.uint8 (num_blocks, block_size, 656) with ``kv_format="fp8"``, FlashMLA's layout with a
+    scale per ``tile`` values (:mod:`mla_tutorial.quant`); ``block_table`` int32
     (B, max_blocks_per_seq); ``seq_lens`` int32 (B,), cached tokens per sequence including
     the T new ones. Query t of sequence b is at position seq_lens[b] - T + t and sees keys
     at positions up to its own.
@@ -124,7 +166,7 @@ def paged_mla_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tens
     ``num_stages`` (passed to Triton). ``check_values=False`` skips reading ``seq_lens`` and
     the block table on the host (see :func:`check_decode_inputs`).
     """
-    problem = check_decode_inputs(q_lat, q_R, kv_pool, block_table, seq_lens, scale, check_values)
+    problem = check_decode_inputs(q_lat, q_R, kv_pool, block_table, seq_lens, scale, kv_format, tile, check_values)
     for name, value in (("block_h", block_h), ("block_n", block_n)):
         _check_positive_int(name, value, allow_none=False)
         if value < 16 or value & (value - 1):
@@ -134,12 +176,19 @@ def paged_mla_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tens
         _check_positive_int(name, value)
     decode = _decode_module()
     device = q_lat.device
+    if decode.INTERPRETED and _interpreter_problem():
+        raise TritonUnavailableError(f"paged_mla_decode: {_interpreter_problem()}; pip install -U triton")
     if decode.INTERPRETED and device.type != "cpu":
         raise ValueError(f"paged_mla_decode: Triton's interpreter is on (TRITON_INTERPRET=1) but the tensors are on "
                          f"{device}; move them to the CPU, or unset TRITON_INTERPRET to compile for the GPU")
     if not decode.INTERPRETED and device.type != "cuda":
         raise ValueError(f"paged_mla_decode: compiled Triton kernels need CUDA tensors, got {device}; on a machine "
                          f"without a GPU import mla_tutorial.kernels with TRITON_INTERPRET unset (or =1)")
+    if problem.fp8 and not decode.INTERPRETED and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"paged_mla_decode: the FP8 kernel converts float8 e4m3 in hardware, which needs a GPU of "
+                         f"compute capability 8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)} is "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Dequantize the pool "
+                         f"(mla_tutorial.quant.unpack_fp8) and call the kernel on bf16/fp16 rows instead")
     if num_splits is None:
         num_splits = choose_num_splits(problem, block_h, device)
     return decode.launch_decode(q_lat, q_R, kv_pool, block_table, seq_lens, float(scale), problem, num_splits,

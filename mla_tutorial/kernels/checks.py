@@ -12,18 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DecodeProblem", "check_decode_inputs", "fp8_row_bytes", "QUERY_DTYPES", "FP8_TILE"]
+from ..quant import TILE, LatentFormat, fp8_row_bytes, latent_format
 
-#: Query (and bf16/fp16/fp32 pool) dtypes the kernels take; the pool may also be the FP8 layout.
+__all__ = ["DecodeProblem", "check_decode_inputs", "QUERY_DTYPES"]
+
+#: Query (and bf16/fp16/fp32 pool) dtypes the kernels take; the pool may also be FP8 bytes.
 QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-#: Values of c_KV that share one FP8 scale (FlashMLA's layout).
-FP8_TILE = 128
-
-
-def fp8_row_bytes(d_c: int, d_h_R: int, tile: int = FP8_TILE) -> int:
-    """Bytes per token of the FP8 latent layout: d_c fp8 values, one fp32 scale per ``tile`` of
-    them, d_h_R bf16 values of k_R (656 for d_c = 512, d_h_R = 64)."""
-    return d_c + 4 * (d_c // tile) + 2 * d_h_R
 
 
 @dataclass(frozen=True)
@@ -39,7 +33,8 @@ class DecodeProblem:
     num_blocks: int       # blocks in the pool
     max_blocks: int       # block-table entries per sequence
     max_len: int          # the longest sequence in the batch (cached tokens, new ones included)
-    fp8: bool             # the pool holds the FP8 layout
+    fp8: bool             # the pool holds FlashMLA's FP8 layout
+    tile: int = TILE      # FP8 only: values of c_KV per scale
 
     @property
     def rows(self) -> int:
@@ -55,8 +50,13 @@ def _tensor(name: str, t) -> torch.Tensor:
 
 def check_decode_inputs(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                        kv_format: str | LatentFormat | None = None, tile: int = TILE,
                         check_values: bool = True) -> DecodeProblem:
     """Raise a clear error unless the arguments describe a valid paged decode step; return its sizes.
+
+    The arguments are those of :func:`mla_tutorial.paged.paged_absorbed_attention`. The kernel
+    reads float pools in the queries' dtype and ``kv_format="fp8"`` pools (torch.uint8, FlashMLA's
+    layout); int8 and int6 pools are for the torch reference only.
 
     ``check_values`` also reads ``seq_lens`` and the block-table entries in use (one small copy
     from the device): lengths in range, at least T tokens per non-empty sequence, and used entries
@@ -88,21 +88,31 @@ def check_decode_inputs(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.T
     if kv_pool.stride(-1) != 1:
         raise ValueError("paged_mla_decode: kv_pool's rows must be contiguous (stride 1 along the last dim); "
                          "the kernel will not copy a whole pool")
-    fp8 = kv_pool.dtype == torch.uint8
+    if kv_format is None and kv_pool.dtype == torch.uint8:
+        raise ValueError("paged_mla_decode: a torch.uint8 pool holds quantized rows; name its format, "
+                         "kv_format='fp8' (FlashMLA's layout, the one the kernel reads)")
+    fmt = latent_format(kv_pool.dtype if kv_format is None else kv_format)   # unknown names: a clear error
+    fp8 = fmt.name == "fp8"
+    if fmt.quantized and not fp8:
+        raise ValueError(f"paged_mla_decode: the kernel reads float pools and kv_format='fp8'; a {fmt.name!r} pool "
+                         f"is read by the torch reference, mla_tutorial.paged.paged_absorbed_attention")
     if fp8:
-        if d_c % FP8_TILE:
-            raise ValueError(f"paged_mla_decode: the FP8 layout needs d_c to be a multiple of {FP8_TILE}, got {d_c}")
-        want = fp8_row_bytes(d_c, d_R)
-        if width != want:
-            raise ValueError(f"paged_mla_decode: an FP8 pool (uint8) for d_c={d_c}, d_h_R={d_R} has {want} bytes per "
-                             f"token ({d_c} fp8 + {4 * (d_c // FP8_TILE)} scale bytes + {2 * d_R} bf16 k_R bytes), "
-                             f"got {width}")
-        if any(s % 4 for s in kv_pool.stride()[:2]) or kv_pool.storage_offset() % 4:
-            raise ValueError("paged_mla_decode: an FP8 pool must be 4-byte aligned (its scales are read as float32)")
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0 or d_c % tile:
+            raise ValueError(f"paged_mla_decode: the FP8 layout needs a scale tile (values per scale) that divides "
+                             f"d_c = {d_c} (FlashMLA's is 128), got tile={tile!r}")
+        want = fp8_row_bytes(d_c, d_R, tile)
+        if kv_pool.dtype != torch.uint8 or width != want:
+            raise ValueError(f"paged_mla_decode: an FP8 pool for d_c={d_c}, d_h_R={d_R} is torch.uint8 with {want} "
+                             f"bytes per token ({d_c} fp8 + {4 * (d_c // tile)} scale bytes + {2 * d_R} bf16 k_R "
+                             f"bytes), got {width} {kv_pool.dtype}")
+        if d_c % 4 or any(s % 4 for s in kv_pool.stride()[:2]) or kv_pool.storage_offset() % 4:
+            raise ValueError(f"paged_mla_decode: the kernel reads an FP8 pool's scales as float32, so d_c ({d_c}) "
+                             f"and each row's bytes ({width}) must be multiples of 4 and the pool 4-byte aligned")
     else:
-        if kv_pool.dtype != q_lat.dtype:
-            raise TypeError(f"paged_mla_decode: kv_pool is {kv_pool.dtype} but the queries are {q_lat.dtype}; use one "
-                            f"dtype, or a torch.uint8 pool in the FP8 layout")
+        if kv_pool.dtype != fmt.pool_dtype or kv_pool.dtype != q_lat.dtype:
+            raise TypeError(f"paged_mla_decode: kv_pool is {kv_pool.dtype} but the queries are {q_lat.dtype}"
+                            f"{'' if kv_format is None else f' and kv_format is {fmt.name!r}'}; use one dtype, "
+                            f"or a torch.uint8 pool with kv_format='fp8'")
         if width != d_c + d_R:
             raise ValueError(f"paged_mla_decode: kv_pool rows are [c_KV, k_R], {d_c} + {d_R} = {d_c + d_R} wide, "
                              f"got {width}")
@@ -142,4 +152,4 @@ def check_decode_inputs(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.T
         max_len = int(lens.max())
     elif B:
         max_len = max_blocks * block_size
-    return DecodeProblem(B, T, H, d_c, d_R, block_size, num_blocks, max_blocks, max_len, fp8)
+    return DecodeProblem(B, T, H, d_c, d_R, block_size, num_blocks, max_blocks, max_len, fp8, tile)

@@ -13,8 +13,9 @@ the output.
         -> acc / l and lse = m + log l for this split
     merge (when NUM_SPLITS > 1): o = Σ_s e^{lse_s - lse} o_s with lse = log Σ_s e^{lse_s}
 
-The FP8 variant reads FlashMLA's 656-byte rows (c_KV as float8 e4m3 with one fp32 scale per 128
-values, k_R as bf16) and dequantizes each tile in registers before the same two matmuls.
+The FP8 variant reads FlashMLA's 656-byte rows (:mod:`mla_tutorial.quant`: c_KV as float8 e4m3
+with one fp32 scale per 128 values, k_R as bf16) and dequantizes each tile in registers before
+the same two matmuls.
 Built step by step in chapter 13; this module needs Triton and is imported by
 :mod:`mla_tutorial.kernels` on the first call.
 """
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import FP8_TILE, DecodeProblem
+from .checks import DecodeProblem
 
 __all__ = ["launch_decode", "INTERPRETED"]
 
@@ -191,7 +192,7 @@ def launch_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor,
     if p.fp8:
         # One pool, three views of its bytes: fp8 c_KV, fp32 scales, bf16 k_R.
         kv, kv_scale, kv_rope = kv_pool, kv_pool.view(torch.float32), kv_pool.view(torch.bfloat16)
-        rope_off, scale_off = (p.d_c + 4 * (p.d_c // FP8_TILE)) // 2, p.d_c // 4
+        rope_off, scale_off = (p.d_c + 4 * (p.d_c // p.tile)) // 2, p.d_c // 4
     else:
         kv, kv_scale, kv_rope = kv_pool, kv_pool, kv_pool
         rope_off, scale_off = p.d_c, 0
@@ -213,7 +214,7 @@ def launch_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor,
         *o_part.stride()[:3], s_o, *lse_part.stride()[:3], s_l,
         p.queries, p.heads, p.d_c, p.d_h_R, rope_off, scale_off,
         PAGE=p.block_size, NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n,
-        BLOCK_C=block_c, BLOCK_R=block_r, IS_FP8=p.fp8, FP8_TILE=FP8_TILE,
+        BLOCK_C=block_c, BLOCK_R=block_r, IS_FP8=p.fp8, FP8_TILE=p.tile,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETED and q_lat.dtype == torch.bfloat16,
         **opts,
