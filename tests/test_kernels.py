@@ -10,6 +10,7 @@ of the probabilities to bf16) is what a GPU runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -18,18 +19,20 @@ import pytest
 import torch
 
 from mla_tutorial.kernels import (DecodeProblem, check_decode_inputs, choose_num_splits, kernels_unavailable_reason,
-                                  paged_mla_decode, triton_available)
+                                  paged_mla_decode, triton_available, triton_mode)
 from mla_tutorial.paged import paged_absorbed_attention as oracle
 from mla_tutorial.quant import fp8_row_bytes, pack_fp8, unpack_fp8
 
 UNAVAILABLE = kernels_unavailable_reason()
 needs_triton = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"the kernel tests need Triton: {UNAVAILABLE}")
+# The interpreter runs on the CPU; with a GPU (TRITON_INTERPRET unset) the same tests run compiled.
+DEVICE = torch.device("cuda" if UNAVAILABLE is None and triton_mode() == "compiled" else "cpu")
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
 
 # --- test problems ---------------------------------------------------------------------------------------
-def _problem(lens, T=1, H=3, d_c=32, d_R=16, block_size=16, dtype=torch.float32, seed=0, spare_blocks=3):
+def _problem(lens, T=1, H=3, d_c=32, d_R=16, block_size=16, dtype=torch.float32, seed=0, spare_blocks=3, device=None):
     """A pool with NaN in every row no sequence owns, a shuffled block table whose entries past each
     sequence's end point at NaN blocks, and random queries."""
     g = torch.Generator().manual_seed(seed)
@@ -52,7 +55,8 @@ def _problem(lens, T=1, H=3, d_c=32, d_R=16, block_size=16, dtype=torch.float32,
             pool[table[b, j], :rows] = torch.randn(rows, d_c + d_R, generator=g)
     q_lat = torch.randn(B, T, H, d_c, generator=g).to(dtype)
     q_R = torch.randn(B, T, H, d_R, generator=g).to(dtype)
-    return q_lat, q_R, pool.to(dtype), table, lens, (d_c + d_R) ** -0.5
+    tensors = (t.to(device or DEVICE) for t in (q_lat, q_R, pool.to(dtype), table, lens))
+    return (*tensors, (d_c + d_R) ** -0.5)
 
 
 def _check(out, ref, dtype):
@@ -144,8 +148,8 @@ def test_fp8_row_is_656_bytes_for_deepseek_v3():
 
 
 # --- errors before launch (no Triton needed) -------------------------------------------------------------
-def _good():
-    return _problem([5, 20], T=2, H=3, block_size=8)
+def _good(device="cpu"):
+    return _problem([5, 20], T=2, H=3, block_size=8, device=device)
 
 
 def _call(**changes):
@@ -187,14 +191,14 @@ def test_bad_input_gets_a_clear_error(change, error, words):
 
 
 def test_fp8_pool_width_is_checked():
-    q_lat, q_R, _, table, lens, scale = _problem([5, 20], T=2, H=3, d_c=128, d_R=16, block_size=8)
+    q_lat, q_R, _, table, lens, scale = _problem([5, 20], T=2, H=3, d_c=128, d_R=16, block_size=8, device="cpu")
     pool = torch.zeros(10, 8, fp8_row_bytes(128, 16) + 4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="bytes per token"):
         check_decode_inputs(q_lat, q_R, pool, table, lens, scale, "fp8")
 
 
 def test_entries_past_a_sequence_end_are_not_checked_or_read():
-    q_lat, q_R, pool, table, lens, scale = _good()
+    q_lat, q_R, pool, table, lens, scale = _good(DEVICE)
     table = table.clone()
     table[0, 1:] = -7            # sequence 0 has 5 tokens: only entry 0 is in use
     problem = check_decode_inputs(q_lat, q_R, pool, table, lens, scale)
@@ -277,3 +281,40 @@ def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_error(monkeypatch):
     monkeypatch.setattr(decode, "INTERPRETED", False)   # as if TRITON_INTERPRET=0 at import
     with pytest.raises(ValueError, match="compiled Triton kernels need CUDA tensors"):
         paged_mla_decode(*_good())
+
+
+# --- the benchmark script, at tiny sizes -----------------------------------------------------------------
+@needs_triton
+def test_benchmark_script_runs_and_records_what_the_chapter_reads(tmp_path):
+    from mla_tutorial.kernels import bench
+    from mla_tutorial.quant import fp8_row_bytes
+
+    out = tmp_path / "r.json"
+    result = bench.main(["--tiny", "--out", str(out), "--quiet", "--device", str(DEVICE)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == result["summary"] and saved["command"].endswith(f"--device {DEVICE}")
+    assert {"date", "device", "torch", "triton", "machine", "checks", "tuning", "chosen", "rows"} <= set(saved)
+    assert saved["torch"] == torch.__version__ and saved["device"]["name"]
+    assert saved["kind"] == ("gpu" if DEVICE.type == "cuda" else "smoke")
+    if saved["kind"] == "smoke":
+        assert "not a measurement" in saved["note"] and not any("target_met" in r for r in saved["rows"])
+    assert all(c["ok"] for c in saved["checks"]), saved["checks"]
+    s = bench.TINY
+    for r in saved["rows"]:
+        assert "median_s" in r or "skipped" in r
+        q_bytes = r["batch"] * s["heads"] * (2 * s["d_c"] + s["d_h_R"]) * 2
+        per_token = {"triton_fp8": fp8_row_bytes(s["d_c"], s["d_h_R"]), "sdpa_expanded": s["heads"] *
+                     (s["d_h"] + s["d_h_R"] + s["d_v"]) * 2}.get(r["impl"], (s["d_c"] + s["d_h_R"]) * 2)
+        assert r["bytes"] == r["batch"] * r["context"] * per_token + q_bytes
+    impls = {r["impl"] for r in saved["rows"] if "median_s" in r}
+    assert impls == set(bench.IMPLS)
+    assert "not a measurement" in bench.format_kernel_results(saved) or saved["kind"] == "gpu"
+
+
+def test_full_benchmark_refuses_to_run_without_a_gpu():
+    from mla_tutorial.kernels import bench
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises((ValueError, RuntimeError), match="GPU|Triton"):
+        bench.run_kernel_benchmark(tiny=False, progress=False)

@@ -6,12 +6,12 @@ therefore puts the heads (times the T new queries) on the rows of one tile and r
 latent row once for all of them: the same c_KV tile is the key for the scores and the value for
 the output.
 
-    grid = (batch, row blocks of BLOCK_H (query, head) rows, NUM_SPLITS)
+    grid = (batch, row blocks of BLOCK_H (query, head) rows, num_splits)
     program (b, m, s):  keys [s·chunk, (s+1)·chunk) of sequence b, through its block table
         S   = (q_lat · c_KVᵀ + q_R · k_Rᵀ) · scale        (BLOCK_H, BLOCK_N), fp32
         online softmax over the key tiles: running max m, sum l, acc += P · c_KV (fp32)
         -> acc / l and lse = m + log l for this split
-    merge (when NUM_SPLITS > 1): o = Σ_s e^{lse_s - lse} o_s with lse = log Σ_s e^{lse_s}
+    merge (when num_splits > 1): o = Σ_s e^{lse_s - lse} o_s with lse = log Σ_s e^{lse_s}
 
 The FP8 variant reads FlashMLA's 656-byte rows (:mod:`mla_tutorial.quant`: c_KV as float8 e4m3
 with one fp32 scale per 128 values, k_R as bf16) and dequantizes each tile in registers before
@@ -38,14 +38,14 @@ def _decode_split_kernel(
     Q_LAT, Q_R,                      # (B, T, H, D_C), (B, T, H, D_R)
     KV, KV_ROPE, KV_SCALE,           # pool views: c_KV (or its fp8 bytes), k_R, the fp32 scales (fp8 only)
     BLOCK_TABLE, SEQ_LENS,           # (B, max_blocks) int32, (B,) int32
-    O, LSE,                          # NUM_SPLITS == 1: (B, T, H, D_C), (B, T, H); else fp32 partials with a split dim
+    O, LSE,                          # (B, T, H, D_C), (B, T, H); split: fp32 partials (B, T, H, S, D_C), (B, T, H, S)
     scale_log2,                      # softmax scale · log2(e): the kernel works in base 2 (exp2)
     stride_qb, stride_qt, stride_qh, stride_rb, stride_rt, stride_rh,
     stride_kb, stride_kt, stride_pb, stride_pt, stride_sb, stride_st,
     stride_tb,
     stride_ob, stride_ot, stride_oh, stride_os, stride_lb, stride_lt, stride_lh, stride_ls,
-    T, H, D_C, D_R, ROPE_OFF, SCALE_OFF,
-    PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    T, H, D_C, D_R, ROPE_OFF, SCALE_OFF, num_splits,
+    PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -79,7 +79,7 @@ def _decode_split_kernel(
         q_r = q_r.to(tl.float32)
 
     # This program's keys: the split's share of the sequence, whole tiles of BLOCK_N.
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -137,8 +137,8 @@ def _merge_splits_kernel(
     O_PART, LSE_PART, O, LSE,        # (B, T, H, S, D_C) fp32, (B, T, H, S) fp32 -> (B, T, H, D_C), (B, T, H)
     stride_pb, stride_pt, stride_ph, stride_ps, stride_qb, stride_qt, stride_qh, stride_qs,
     stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh,
-    T, H, D_C,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    T, H, D_C, num_splits,
+    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # One program per (sequence, block of rows): o = Σ_s w_s o_s / Σ_s w_s, w_s = e^{lse_s - max_s lse_s}.
     b = tl.program_id(0)
@@ -149,7 +149,7 @@ def _merge_splits_kernel(
     splits = tl.arange(0, BLOCK_S)
     lse_rows = LSE_PART + b * stride_qb + t * stride_qt + h * stride_qh                 # (BLOCK_H,) pointers
     lse_all = tl.load(lse_rows[:, None] + splits[None, :] * stride_qs,
-                      mask=row_ok[:, None] & (splits < NUM_SPLITS)[None, :], other=float("-inf"))
+                      mask=row_ok[:, None] & (splits < num_splits)[None, :], other=float("-inf"))
     top = tl.max(lse_all, 1)
     top = tl.where(top == float("-inf"), 0.0, top)           # no split of this row saw a key
     total = tl.sum(tl.exp(lse_all - top[:, None]), 1)
@@ -157,7 +157,7 @@ def _merge_splits_kernel(
     mask = row_ok[:, None] & (cols < D_C)[None, :]
     o_rows = O_PART + b * stride_pb + t * stride_pt + h * stride_ph
     acc = tl.zeros((BLOCK_H, BLOCK_C), tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in range(num_splits):
         w = tl.exp(tl.load(lse_rows + s * stride_qs, mask=row_ok, other=float("-inf")) - top)
         acc += w[:, None] * tl.load(o_rows[:, None] + s * stride_ps + cols[None, :], mask=mask, other=0.0)
     seen = total > 0
@@ -212,18 +212,19 @@ def launch_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor,
         *kv.stride()[:2], *kv_rope.stride()[:2], *kv_scale.stride()[:2],
         block_table.stride(0),
         *o_part.stride()[:3], s_o, *lse_part.stride()[:3], s_l,
-        p.queries, p.heads, p.d_c, p.d_h_R, rope_off, scale_off,
-        PAGE=p.block_size, NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_N=block_n,
+        p.queries, p.heads, p.d_c, p.d_h_R, rope_off, scale_off, num_splits,
+        PAGE=p.block_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_C=block_c, BLOCK_R=block_r, IS_FP8=p.fp8, FP8_TILE=p.tile,
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETED and q_lat.dtype == torch.bfloat16,
         **opts,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(p.batch, triton.cdiv(p.rows, block_h))](
+        merge_rows = 16   # the merge only streams fp32 partials: a small tile keeps its registers few
+        _merge_splits_kernel[(p.batch, triton.cdiv(p.rows, merge_rows))](
             o_part, lse_part, o, lse,
             *o_part.stride()[:4], *lse_part.stride(), *o.stride()[:3], *lse.stride(),
-            p.queries, p.heads, p.d_c,
-            NUM_SPLITS=num_splits, BLOCK_H=block_h, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_C=block_c,
+            p.queries, p.heads, p.d_c, num_splits,
+            BLOCK_H=merge_rows, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_C=block_c,
         )
     return o, lse
