@@ -217,11 +217,12 @@ def test_tuning_arguments_are_checked():
 
 
 def test_num_splits_fills_the_machine_but_keeps_splits_long():
-    p = DecodeProblem(1, 1, 128, 512, 64, 64, 1000, 512, 32768, False)
-    assert choose_num_splits(p, 16, torch.device("cpu")) == 1          # 8 programs already for 1 "SM"
-    assert choose_num_splits(dataclasses.replace(p, max_len=0), 16, torch.device("cpu")) == 1
-    small = DecodeProblem(1, 1, 4, 32, 16, 16, 10, 10, 600, False)
-    assert choose_num_splits(small, 16, torch.device("cpu")) == 2      # 1 program -> 2, each >= 256 tokens
+    p = DecodeProblem(1, 1, 128, 512, 64, 64, 1000, 512, 32768, False)     # V3, one 32K-token sequence
+    assert choose_num_splits(p, 16, 132) == 33            # 8 programs -> 264 on a 132-SM GPU
+    assert choose_num_splits(dataclasses.replace(p, batch=64), 16, 132) == 1
+    assert choose_num_splits(dataclasses.replace(p, max_len=1000), 16, 132) == 4   # splits of >= 256 tokens
+    assert choose_num_splits(dataclasses.replace(p, max_len=0), 16, 132) == 1
+    assert choose_num_splits(p, 16, 1) == 1               # the interpreter: one "SM"
 
 
 # --- the package without Triton, and the interpreter switch ----------------------------------------------

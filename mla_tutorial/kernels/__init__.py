@@ -39,7 +39,7 @@ import torch
 from ..quant import TILE, LatentFormat
 from .checks import DecodeProblem, check_decode_inputs
 
-__all__ = ["paged_mla_decode", "choose_num_splits", "triton_available", "triton_mode", "kernels_unavailable_reason",
+__all__ = ["paged_mla_decode", "choose_num_splits", "multiprocessors", "triton_available", "triton_mode", "kernels_unavailable_reason",
            "TritonUnavailableError", "DecodeProblem", "check_decode_inputs", "INTERPRETER_SET_BY_PACKAGE"]
 
 #: True when importing this package set TRITON_INTERPRET=1 (no CUDA device, variable unset).
@@ -116,18 +116,23 @@ def triton_mode() -> str:
     return "interpreter" if _decode_module().INTERPRETED else "compiled"
 
 
-def choose_num_splits(problem: DecodeProblem, block_h: int, device: torch.device, min_tokens_per_split: int = 256,
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100 SXM); 1 for the CPU's interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def choose_num_splits(problem: DecodeProblem, block_h: int, sms: int, min_tokens_per_split: int = 256,
                       max_splits: int = 64) -> int:
-    """How many pieces to split each sequence's keys into, so that the GPU has work for all its SMs.
+    """How many pieces to split each sequence's keys into, so that a GPU with ``sms`` streaming
+    multiprocessors has work for all of them.
 
     A decode step has few (sequence, head block) programs: at batch 1 with 128 heads in blocks of
     16 there are 8, for a GPU with 132 SMs. Splitting the keys multiplies the programs; each
     split then costs one merge. Aim for about two programs per SM, but keep every split at least
-    ``min_tokens_per_split`` tokens long. On the CPU (interpreter) there is one "SM".
+    ``min_tokens_per_split`` tokens long.
     """
     if problem.max_len == 0 or problem.batch == 0:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     programs = problem.batch * -(-problem.rows // block_h)
     want = -(-2 * sms // programs)
     longest = -(-problem.max_len // min_tokens_per_split)
@@ -190,6 +195,6 @@ def paged_mla_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tens
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Dequantize the pool "
                          f"(mla_tutorial.quant.unpack_fp8) and call the kernel on bf16/fp16 rows instead")
     if num_splits is None:
-        num_splits = choose_num_splits(problem, block_h, device)
+        num_splits = choose_num_splits(problem, block_h, multiprocessors(device))
     return decode.launch_decode(q_lat, q_R, kv_pool, block_table, seq_lens, float(scale), problem, num_splits,
                                 block_h, block_n, num_warps, num_stages)

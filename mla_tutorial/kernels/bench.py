@@ -192,12 +192,17 @@ def run_kernel_benchmark(*, tiny: bool = False, device: torch.device | str | Non
     peak = layer_bench.measure_peak_flops(device, dtype, n=None if not tiny else 512, repeats=5)
     say(f"measured: {bw / 1e9:,.0f} GB/s memory bandwidth, {peak / 1e12:,.1f} TFLOPS dense bf16")
     pools = _Pools(s, device, dtype, seed)
+    # float8 e4m3 is converted in hardware from compute capability 8.9 (Ada, Hopper) on
+    no_fp8 = (device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+              and f"needs compute capability 8.9+ for float8, this GPU has "
+                  f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
+    formats = [("bf16", pools.pool, None)] + ([] if no_fp8 else [("fp8", pools.pool_fp8, "fp8")])
 
     # correctness at the benchmark's own dims, against the torch oracle
     checks = []
     B, L = s["check_case"]
     q_lat, q_R, table, lens = pools.case(B, L)
-    for fmt, pool, kv_format in (("bf16", pools.pool, None), ("fp8", pools.pool_fp8, "fp8")):
+    for fmt, pool, kv_format in formats:
         o, lse = paged_mla_decode(q_lat, q_R, pool, table, lens, scale, kv_format)
         o_ref, lse_ref = paged_absorbed_attention(q_lat, q_R, pool, table, lens, scale, kv_format)
         err_o = (o.float() - o_ref.float()).abs().max().item()
@@ -210,7 +215,7 @@ def run_kernel_benchmark(*, tiny: bool = False, device: torch.device | str | Non
     tuning, best = [], {}
     B, L = s["tune_case"]
     q_lat, q_R, table, lens = pools.case(B, L)
-    for fmt, pool, kv_format in (("bf16", pools.pool, None), ("fp8", pools.pool_fp8, "fp8")):
+    for fmt, pool, kv_format in formats:
         for block_h, block_n, warps, stages in s["configs"]:
             row = dict(pool=fmt, block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages)
             kw = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, check_values=False)
@@ -248,6 +253,8 @@ def run_kernel_benchmark(*, tiny: bool = False, device: torch.device | str | Non
                 row["bytes"] += q_bytes
                 if left() < 0:
                     row["skipped"] = "time budget"
+                elif impl == "triton_fp8" and no_fp8:
+                    row["skipped"] = no_fp8
                 elif impl == "sdpa_expanded" and row["bytes"] * 1.5 > s["sdpa_max_bytes"]:
                     row["skipped"] = f"per-head K and V need {row['bytes'] / 1e9:.1f} GB"
                 else:
