@@ -39,8 +39,9 @@ import torch
 from ..quant import TILE, LatentFormat
 from .checks import DecodeProblem, check_decode_inputs
 
-__all__ = ["paged_mla_decode", "choose_num_splits", "multiprocessors", "triton_available", "triton_mode", "kernels_unavailable_reason",
-           "TritonUnavailableError", "DecodeProblem", "check_decode_inputs", "INTERPRETER_SET_BY_PACKAGE"]
+__all__ = ["paged_mla_decode", "choose_num_splits", "multiprocessors", "triton_available", "triton_mode",
+           "kernels_unavailable_reason", "TritonUnavailableError", "DecodeProblem", "check_decode_inputs",
+           "INTERPRETER_SET_BY_PACKAGE"]
 
 #: True when importing this package set TRITON_INTERPRET=1 (no CUDA device, variable unset).
 INTERPRETER_SET_BY_PACKAGE = False
@@ -181,8 +182,9 @@ def paged_mla_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tens
         _check_positive_int(name, value)
     decode = _decode_module()
     device = q_lat.device
-    if decode.INTERPRETED and _interpreter_problem():
-        raise TritonUnavailableError(f"paged_mla_decode: {_interpreter_problem()}; pip install -U triton")
+    why = _interpreter_problem() if decode.INTERPRETED else None
+    if why:
+        raise TritonUnavailableError(f"paged_mla_decode: {why}; pip install -U triton")
     if decode.INTERPRETED and device.type != "cpu":
         raise ValueError(f"paged_mla_decode: Triton's interpreter is on (TRITON_INTERPRET=1) but the tensors are on "
                          f"{device}; move them to the CPU, or unset TRITON_INTERPRET to compile for the GPU")

@@ -215,6 +215,8 @@ def launch_decode(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: torch.Tensor,
         p.queries, p.heads, p.d_c, p.d_h_R, rope_off, scale_off, num_splits,
         PAGE=p.block_size, BLOCK_H=block_h, BLOCK_N=block_n,
         BLOCK_C=block_c, BLOCK_R=block_r, IS_FP8=p.fp8, FP8_TILE=p.tile,
+        # fp32 inputs: exact fp32 products (a GPU's default for fp32 is tf32); "tf32" is the default, and
+        # has no effect on bf16/fp16 operands
         DOT_PRECISION="ieee" if q_lat.dtype == torch.float32 else "tf32",
         UPCAST=INTERPRETED and q_lat.dtype == torch.bfloat16,
         **opts,
