@@ -310,6 +310,16 @@ def test_benchmark_script_runs_and_records_what_the_chapter_reads(tmp_path):
     impls = {r["impl"] for r in saved["rows"] if "median_s" in r}
     assert impls == set(bench.IMPLS)
     assert "not a measurement" in bench.format_kernel_results(saved) or saved["kind"] == "gpu"
+    # the rendering a GPU run gets (the chapter shows it when one is recorded)
+    machine = saved["machine"]
+    as_gpu = {**saved, "kind": "gpu", "rows": [dict(r) for r in saved["rows"]]}
+    for r in as_gpu["rows"]:
+        bench._rate(r, machine["bandwidth_bytes_per_s"], machine["peak_flops_per_s"], judge=True)
+    table = bench.format_kernel_results(as_gpu)
+    assert "measured peaks" in table and "GB/s" in table and ("not met" in table or " met" in table)
+    summary = bench.summarize(as_gpu)
+    assert summary["triton_bf16"]["target_met"] <= summary["triton_bf16"]["cases"] == len(s["batches"]) * len(
+        s["contexts"])
 
 
 def test_full_benchmark_refuses_to_run_without_a_gpu():

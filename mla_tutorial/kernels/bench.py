@@ -36,6 +36,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -363,21 +364,30 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_kernel_results(result: dict[str, Any]) -> str:
-    """A plain-text table of a run."""
-    m = result["machine"]
+    """A plain-text table of a run. A smoke run (the interpreter) shows only its timings: rates and
+    fractions of a CPU's peaks computed from them would mean nothing."""
+    smoke = result["kind"] == "smoke"
     lines = [f"{result['device']['name']}, Triton {result['triton']} ({result['triton_mode']}), torch {result['torch']}, "
-             f"{result['date']}" + (f"  [{result['note']}]" if result.get("note") else ""),
-             f"measured peaks: {m['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s, {m['peak_flops_per_s'] / 1e12:,.1f} TFLOPS",
-             f"{'impl':>15} {'batch':>5} {'context':>7} {'ms':>9} {'GB/s':>8} {'TFLOPS':>7} {'of BW':>6} "
-             f"{'of peak':>7} {'bound':>7}  target"]
+             f"{result['date']}"]
+    if smoke:
+        lines += textwrap.wrap(f"SMOKE TEST: {result['note']}", 96)
+        lines.append(f"{'impl':>15} {'batch':>5} {'context':>7} {'seconds':>9}")
+    else:
+        m = result["machine"]
+        lines += [f"measured peaks: {m['bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s, "
+                  f"{m['peak_flops_per_s'] / 1e12:,.1f} TFLOPS dense bf16",
+                  f"{'impl':>15} {'batch':>5} {'context':>7} {'ms':>9} {'GB/s':>8} {'TFLOPS':>7} {'of BW':>6} "
+                  f"{'of peak':>7} {'bound':>7}  target"]
     for r in result["rows"]:
+        head = f"{r['impl']:>15} {r['batch']:>5} {r['context']:>7}"
         if "median_s" not in r:
-            lines.append(f"{r['impl']:>15} {r['batch']:>5} {r['context']:>7}  skipped: {r['skipped']}")
-            continue
-        lines.append(f"{r['impl']:>15} {r['batch']:>5} {r['context']:>7} {r['median_s'] * 1e3:>9.3f} "
-                     f"{r['bytes_per_s'] / 1e9:>8,.0f} {r['flops_per_s'] / 1e12:>7.1f} {r['fraction_of_bandwidth']:>6.0%} "
-                     f"{r['fraction_of_peak']:>7.0%} {r['bound']:>7}  "
-                     + {True: "met", False: "not met", None: "-"}[r.get("target_met")])
+            lines.append(f"{head}  skipped: {r['skipped']}")
+        elif smoke:
+            lines.append(f"{head} {r['median_s']:>9.3f}")
+        else:
+            lines.append(f"{head} {r['median_s'] * 1e3:>9.3f} {r['bytes_per_s'] / 1e9:>8,.0f} {r['flops_per_s'] / 1e12:>7.1f} "
+                         f"{r['fraction_of_bandwidth']:>6.0%} {r['fraction_of_peak']:>7.0%} {r['bound']:>7}  "
+                         + {True: "met", False: "not met", None: "-"}[r.get("target_met")])
     return "\n".join(lines)
 
 
