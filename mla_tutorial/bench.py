@@ -561,11 +561,14 @@ def plot_results(result: dict[str, Any], path: str | pathlib.Path | None = None,
         if pts:
             label, color, marker = _STYLE[mode]
             ax.plot(*zip(*pts), marker=marker, color=color, label=label)
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high / low > 10:  # a decade or more: label the powers of ten only, minor labels would crowd
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("context (cached tokens)")
     ax.set_ylabel("decode step latency (ms)")
     dev = result["device"]["name"]
