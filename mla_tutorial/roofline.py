@@ -13,10 +13,11 @@ The roofline model (Williams et al., 2009) says the step takes at least
 
 and the node generates ``B / t_step`` tokens per second. The batch is limited by memory: what is
 left after the weights, divided by one sequence's cache. A model with a smaller cache fits a
-larger batch, so each read of the weights is shared by more tokens; that capacity effect, not a
-faster attention kernel, is what lets DeepSeek-V2 reach "5.76x maximum generation throughput" over
-DeepSeek 67B (DeepSeek-V2 paper, section 3.2.3). Once the batch is that large, a step can become
-compute-bound (DeepSeek-V2's does, in this model): then the FLOP rate a kernel achieves matters too.
+larger batch, so each read of the weights is shared by more tokens. That capacity effect is what
+a smaller cache buys, and the mechanism behind DeepSeek-V2's "5.76x maximum generation throughput"
+over DeepSeek 67B (DeepSeek-V2 paper, section 3.2.3). Once the batch is that large, a step can
+become compute-bound (DeepSeek-V2's does, in this model), and then the FLOP rate the kernels
+achieve sets the throughput as much as the cache does.
 
 Everything the model assumes is a named parameter of a dataclass with its source in a docstring:
 :class:`Accelerator` (memory, bandwidth, peak), :class:`Node` (how many, how much memory is

@@ -198,15 +198,17 @@ def bench_plan(budget: GPUBudget, config: MLAConfig, modes: Sequence[str], *, dt
         return sum(budget.seconds_for(v.flops(B, L), v.bytes(B, L), rounds * (warmup + repeats))
                    for v in variants.values() for B in batch_sizes)
 
-    n = 8192  # the peak measurement's matmul and the bandwidth measurement's 2 GB, every round
-    fixed = rounds * budget.seconds_for(2 * n**3, 2 * 2**30, 11) * 2
-    if prefill_tokens:
-        mla = next(iter(variants.values()))
-        T = prefill_tokens
-        c = config
-        attn = T * T * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)  # causal: half of 2·T²·...
-        fixed += rounds * 2 * budget.seconds_for(2 * mla.matrix_params * T + attn,
-                                                 mla.weight_bytes + T * c.hidden_size * elem, prefill_repeats + warmup)
+    # every round measures the machine: 11 products of 8192 x 8192 matrices, 11 reads of 2 GB
+    n, nbytes = 8192, 2 * 2**30
+    fixed = rounds * (budget.seconds_for(2 * n**3, 3 * n * n * elem, 11)
+                      + budget.seconds_for(2 * nbytes / elem, nbytes, 11))
+    if prefill_tokens and any(m in ("expanded", "latent", "absorbed", "hf") for m in modes):
+        # the absorbed-mode and the expanded layer each prefill the prompt (the expanded computation)
+        mla = _meta_variants(config, ["expanded"], dtype)["expanded"]
+        T, c = prefill_tokens, config
+        flops = 2 * mla.matrix_params * T + T * T * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)  # causal
+        fixed += rounds * 2 * budget.seconds_for(flops, mla.weight_bytes + T * mla.cache_bytes_per_token,
+                                                 prefill_repeats + warmup)
     chosen, total = [], fixed
     for L in sorted(contexts):
         cost = per_context(L)

@@ -60,10 +60,19 @@ def test_bench_plan_cuts_contexts_to_the_time_budget():
     t4 = sizing.gpu_budget(props=T4)
     full = sizing.bench_plan(t4, BENCH_CONFIG, bench.BENCH_MODES, dtype=torch.float16)
     assert full.contexts == (1024, 4096, 16384, 65536) and full.estimated_s <= t4.plan_seconds
-    # a budget too small for the longest contexts drops them, longest first
-    tight = t4.replace(seconds=18.0)            # 9 s for the sized work: about 6.5 s go to measuring and prefill
-    cut = sizing.bench_plan(tight, BENCH_CONFIG, bench.BENCH_MODES, dtype=torch.float16)
-    assert cut.contexts == (1024, 4096) and cut.estimated_s <= tight.plan_seconds
+    # a smaller budget drops the longest contexts first: every plan is a prefix of the full one, and
+    # a growing budget never takes a context away
+    lengths = []
+    for seconds in range(8, 60, 2):
+        budget = t4.replace(seconds=float(seconds))
+        try:
+            plan = sizing.bench_plan(budget, BENCH_CONFIG, bench.BENCH_MODES, dtype=torch.float16)
+        except ValueError:
+            lengths.append(0)
+            continue
+        assert plan.contexts == full.contexts[:len(plan.contexts)] and plan.estimated_s <= budget.plan_seconds
+        lengths.append(len(plan.contexts))
+    assert lengths == sorted(lengths) and {0, 1, 2, 3, 4} <= set(lengths), lengths
     with pytest.raises(ValueError, match="shortest context"):
         sizing.bench_plan(t4.replace(seconds=0.01), BENCH_CONFIG, bench.BENCH_MODES)
 
