@@ -83,10 +83,10 @@ class HFAttention:
         B, T, _ = x.shape
         positions = torch.arange(start, start + T)[None].expand(B, -1)
         mask = torch.full((T, start + T), float("-inf")).triu(start + 1)[None, None]  # (1, 1, T, S) additive
-        with torch.no_grad():
+        with torch.no_grad():  # the cache is passed by position: transformers renamed it (past_key_values, cache)
             if self.kind == "v3":
-                return self.module(x, self.rotary(x, positions), mask, cache=cache)[0]
-            return self.module(x, attention_mask=mask, cache=cache, position_embeddings=self.rotary(x, positions))[0]
+                return self.module(x, self.rotary(x, positions), mask, cache)[0]
+            return self.module(x, mask, cache, self.rotary(x, positions))[0]
 
     def package_layer(self, mode: str = "absorbed", absorb_prefill: bool | None = None) -> MultiHeadLatentAttention:
         layer = MultiHeadLatentAttention(mla_config_from_hf(self.config), mode=mode, absorb_prefill=absorb_prefill)
