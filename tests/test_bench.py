@@ -113,11 +113,16 @@ def test_hf_decodes_like_the_package_on_the_same_weights():
 
 def test_run_benchmark_skips_what_does_not_fit_and_summarizes():
     config = bench.bench_config(**TINY)
-    result = bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[16], batch_sizes=[1],
+    result = bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[16, 10**7], batch_sizes=[1],
                                  modes=["mha", "absorbed"], config=config, repeats=1, rounds=1, warmup=0,
-                                 prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=1000)
-    assert all("skipped" in r and "median_s" not in r for r in result["decode"])
-    assert result["prefill"] == [] and result["summary"] == {}
+                                 prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=5e6)
+    skipped = {(r["mode"], r["context"]) for r in result["decode"] if "skipped" in r}
+    assert skipped == {("mha", 10**7), ("absorbed", 10**7)}               # 2.6 GB and 0.8 GB of cache
+    assert all("median_s" in r for r in result["decode"] if r["context"] == 16)
+    assert result["prefill"] == [] and result["summary"]["context"] == 16
+    with pytest.raises(MemoryError, match=r"no decode case fits in memory.*shorter contexts"):
+        bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[10**7], modes=["mha"], config=config,
+                            prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=5e6)
 
 
 def test_machine_measurements_are_positive():
