@@ -14,7 +14,7 @@ from torch import nn
 from .cache import KVCache
 from .checks import check_bool, check_positive_int
 from .config import AttentionConfig, check_rope_theta
-from .device import CHECK_MEMORY_ABOVE, check_memory, format_bytes
+from .device import CHECK_MEMORY_ABOVE, check_memory
 from .rope import RotaryEmbedding, apply_rope
 
 __all__ = ["attention", "MultiHeadAttention", "check_input", "check_parameter_memory"]
@@ -56,8 +56,7 @@ def check_parameter_memory(num_params: int, what: str, advice: str) -> None:
     device: see ``torch.set_default_device``) the device cannot hold."""
     probe = torch.empty(0)
     check_memory(num_params * probe.element_size(), probe.device,
-                 f"{what}: {num_params:,} weights ({format_bytes(num_params * probe.element_size())} in {probe.dtype})",
-                 advice)
+                 f"{what} with {num_params:,} weights in {probe.dtype}", advice)
 
 
 def _check_attention_args(q, k, v, scale, causal, key_mask) -> None:
@@ -234,6 +233,9 @@ class MultiHeadAttention(nn.Module):
     def from_config(cls, config: AttentionConfig, hidden_size: int | None = None) -> "MultiHeadAttention":
         """Build from an :class:`AttentionConfig`; ``hidden_size`` may be shrunk for CPU runs
         (heads and head_dim, which fix the cache, stay as configured)."""
+        if not isinstance(config, AttentionConfig):
+            raise TypeError(f"MultiHeadAttention.from_config needs an AttentionConfig (e.g. "
+                            f"ATTENTION_PRESETS['Llama-3-8B']), got {type(config).__name__}")
         return cls(hidden_size or config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                    config.head_dim, config.rope_theta)
 

@@ -20,6 +20,8 @@ __all__ = ["MLAConfig", "AttentionConfig", "ATTENTION_PRESETS", "yarn_get_mscale
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: ``0.1 * mscale * ln(scale) + 1`` (1 when not extending)."""
+    check_real("yarn_get_mscale", "scale", scale, above=0)
+    check_real("yarn_get_mscale", "mscale", mscale)
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
