@@ -68,11 +68,10 @@ def check_transformers_version(what: str, version: str | None = None) -> None:
                           f"pip install 'transformers>={TRANSFORMERS_MIN}' (or: pip install 'mla_tutorial[hf]')")
 
 
-def _check_transformers_object(obj: Any, what: str) -> None:
+def _check_transformers_object(obj: Any, what: str, plain: str) -> None:
     """Objects made by transformers (configs, modules) need TRANSFORMERS_MIN; dicts need nothing."""
     if type(obj).__module__.split(".")[0] == "transformers":
-        check_transformers_version(f"{what} with a {type(obj).__name__} (pass its to_dict() or state_dict() "
-                                   f"to skip this check)")
+        check_transformers_version(f"{what} with a {type(obj).__name__} (pass its {plain} to skip this check)")
 
 # YaRN fields MLAConfig understands (see config._YARN_KEYS); other keys HF adds (rope_theta, ...) are dropped.
 _YARN_FIELDS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
@@ -84,7 +83,7 @@ _ATTENTION_NORM_EPS = 1e-6
 
 
 def _as_dict(hf_config: Any) -> dict[str, Any]:
-    _check_transformers_object(hf_config, "mla_config_from_hf")
+    _check_transformers_object(hf_config, "mla_config_from_hf", "to_dict()")
     if isinstance(hf_config, Mapping):
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
@@ -196,7 +195,7 @@ def mla_config_from_hf(hf_config: Any, name: str | None = None) -> MLAConfig:
 
 def _state_dict(source: Any, prefix: str) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):
-        _check_transformers_object(source, "load_hf_attention")
+        _check_transformers_object(source, "load_hf_attention", "state_dict()")
         config = getattr(source, "config", None)
         if getattr(config, "attention_bias", False):
             raise NotImplementedError("attention_bias=True is not supported: MultiHeadLatentAttention's "

@@ -94,7 +94,8 @@ def test_bytes_and_flops_come_from_the_shapes():
 
 
 def test_hf_decodes_like_the_package_on_the_same_weights():
-    pytest.importorskip("transformers")
+    from mla_tutorial.hf import TRANSFORMERS_MIN
+    pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN)
     config = bench.bench_config(**TINY)
     v = bench.make_variants(config, ["latent", "absorbed", "hf"])
     assert torch.equal(v["hf"].module.o_proj.weight, v["absorbed"].module.W_O.weight)

@@ -45,7 +45,9 @@ V2_CASES = {
 
 @pytest.fixture(scope="module")
 def hf():
-    return pytest.importorskip("transformers", reason="the agreement tests need transformers")
+    from mla_tutorial.hf import TRANSFORMERS_MIN
+    return pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN,
+                               reason=f"the agreement tests need transformers >= {TRANSFORMERS_MIN}")
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
