@@ -54,7 +54,7 @@ from .attention import MultiHeadAttention
 from .bench_plan import BenchmarkRefused
 from .checks import check_int
 from .config import AttentionConfig, MLAConfig
-from .device import _as_device, describe_device, pick_device, pick_dtype, synchronize
+from .device import as_device, describe_device, pick_device, pick_dtype, synchronize
 from .mla import MultiHeadLatentAttention
 from .roofline import attention_flops_per_cached_token
 
@@ -121,7 +121,7 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int | No
     2 GB on a GPU: far larger than any cache), the access pattern of a decode step. The fastest
     of ``repeats`` after one untimed call: what the machine can do, not what it did while busy.
     Repeats stop after ``max_seconds`` (a slow dtype on a CPU would otherwise take minutes)."""
-    device, dtype = _as_device(device, "measure_bandwidth"), _check_dtype(dtype)
+    device, dtype = as_device(device, "measure_bandwidth"), _check_dtype(dtype)
     if nbytes is None:
         nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
     check_int("measure_bandwidth", "nbytes", nbytes, minimum=1)
@@ -145,7 +145,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None =
     The matrix grows from 256 to ``n`` by doubling while a product fits the ``max_seconds``
     budget, and repeats stop when it is spent: a dtype without fast kernels on this machine (fp16
     or bf16 on many CPUs) is measured in seconds at a smaller size instead of in minutes."""
-    device, dtype = _as_device(device, "measure_peak_flops"), _check_dtype(dtype)
+    device, dtype = as_device(device, "measure_peak_flops"), _check_dtype(dtype)
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
     check_int("measure_peak_flops", "n", n, minimum=1)
@@ -310,7 +310,7 @@ def make_variants(config: MLAConfig, modes: Iterable[str] = BENCH_MODES, device:
     skipped when transformers is missing). ``mha``/``gqa``/``mqa`` use ``n_h`` query heads of width
     ``d_v`` with ``n_h``, ``gqa_heads`` and 1 key/value heads.
     """
-    device, dtype = _as_device(device, "make_variants"), _check_dtype(dtype)
+    device, dtype = as_device(device, "make_variants"), _check_dtype(dtype)
     _, _, modes = plan.check_run_args(
         contexts=[1], batch_sizes=[1], modes=list(modes) if not isinstance(modes, str) else modes,
         bench_modes=BENCH_MODES, config=config, gqa_heads=gqa_heads, repeats=1, rounds=1, warmup=0,
@@ -700,8 +700,8 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {'a positive integer' if minimum == 1 else f'an integer >= {minimum}'}, "
-                                             f"got {value}")
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
     parse.__name__ = "int"  # argparse names the type in its messages
     return parse
@@ -742,7 +742,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_POSITIVE, default=2,
                    help="rounds over all cases (the median over all rounds is reported)")
     p.add_argument("--warmup", type=_NON_NEGATIVE, default=1, help="untimed steps before each case's timed ones")
-    p.add_argument("--prefill-tokens", type=_NON_NEGATIVE, default=4096, help="prompt length for the prefill timing (0: skip)")
+    p.add_argument("--prefill-tokens", type=_NON_NEGATIVE, default=4096,
+                   help="prompt length for the prefill timing (0: skip)")
     p.add_argument("--prefill-repeats", type=_POSITIVE, default=2, help="timed prefills per round")
     p.add_argument("--seed", type=_NON_NEGATIVE, default=0)
     p.add_argument("--max-minutes", type=_minutes, default=60.0,

@@ -30,8 +30,8 @@ import torch
 from .config import MLAConfig
 from .device import format_bytes
 
-__all__ = ["BenchmarkRefused", "RefusedType", "RefusedValue", "RefusedMemory", "check_run_args", "check_weights_fit", "check_prefill_fits", "check_some_case_fits",
-           "estimate_seconds",
+__all__ = ["BenchmarkRefused", "RefusedType", "RefusedValue", "RefusedMemory", "check_run_args", "check_weights_fit",
+           "check_prefill_fits", "check_some_case_fits", "estimate_seconds",
            "check_time", "check_writable", "weight_parameters", "cli_names", "arg_name"]
 
 

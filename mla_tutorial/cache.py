@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checks import check_positive_int
-from .device import _as_device, check_memory, format_bytes
+from .device import as_device, check_memory, format_bytes
 
 __all__ = ["KVCache"]
 
@@ -45,7 +45,7 @@ class KVCache:
             raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
         if not isinstance(mode, str):
             raise TypeError(f"KVCache: mode must be a str label, got {type(mode).__name__}")
-        device = _as_device(device, "KVCache")
+        device = as_device(device, "KVCache")
         for name, shape in buffers.items():
             if not isinstance(shape, (tuple, list)) or len(shape) != 2 or \
                     any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):

@@ -11,8 +11,8 @@ import os
 
 import torch
 
-__all__ = ["pick_device", "pick_dtype", "describe_device", "synchronize", "available_memory", "check_memory",
-           "format_bytes"]
+__all__ = ["pick_device", "pick_dtype", "describe_device", "synchronize", "as_device", "available_memory",
+           "check_memory", "format_bytes"]
 
 _KINDS = ("cuda", "mps", "cpu")
 
@@ -49,7 +49,7 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
-def _as_device(device: torch.device | str, caller: str) -> torch.device:
+def as_device(device: torch.device | str, caller: str) -> torch.device:
     """A torch.device from a device or its name; a clear error for anything else or a missing device."""
     if isinstance(device, str):
         try:
@@ -71,7 +71,7 @@ def _as_device(device: torch.device | str, caller: str) -> torch.device:
 def pick_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on GPUs with fast bf16 (Ampere and newer, Apple silicon), fp16 on older GPUs such as
     Colab's T4, fp32 on the CPU (where fp32 matmuls are the fast ones)."""
-    device = _as_device(device, "pick_dtype")
+    device = as_device(device, "pick_dtype")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "mps":
@@ -81,7 +81,7 @@ def pick_dtype(device: torch.device | str) -> torch.dtype:
 
 def describe_device(device: torch.device | str) -> str:
     """A human-readable name: the GPU's name, or the CPU with its thread count."""
-    device = _as_device(device, "describe_device")
+    device = as_device(device, "describe_device")
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
@@ -92,7 +92,7 @@ def describe_device(device: torch.device | str) -> str:
 def synchronize(device: torch.device | str) -> None:
     """Wait for the device's queued work (GPUs run asynchronously); a no-op on the CPU.
     Call it on both sides of a timed region, or a GPU timing measures only the launch."""
-    device = _as_device(device, "synchronize")
+    device = as_device(device, "synchronize")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -130,7 +130,7 @@ def available_memory(device: torch.device | str) -> int | None:
     CUDA: free memory as the driver reports it. CPU: ``MemAvailable`` plus free swap on Linux
     (``/proc/meminfo``), else the physical memory (``os.sysconf``). MPS: the recommended working
     set less what is allocated. ``meta`` tensors take no memory (None: never refused)."""
-    device = _as_device(device, "available_memory")
+    device = as_device(device, "available_memory")
     try:
         if device.type == "cuda":
             return int(torch.cuda.mem_get_info(device)[0])

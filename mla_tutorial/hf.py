@@ -25,7 +25,8 @@ HF weight                package parameters
 ``transformers`` is not needed to use this module: configs are read by attribute or key, and
 weights as plain tensors. Objects made by ``transformers`` need version :data:`TRANSFORMERS_MIN` or
 newer, the oldest the package agrees with: before 5.15, ``DeepseekV2Attention`` leaves YaRN's mscale
-out of its softmax scale and ``DynamicCache`` holds per-head keys and values, not MLA's latent. Defined for chapter 06; tested against ``transformers`` in
+out of its softmax scale and ``DynamicCache`` holds per-head keys and values, not MLA's latent.
+Defined for chapter 06; tested against ``transformers`` in
 ``tests/test_hf.py``.
 """
 

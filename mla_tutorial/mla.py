@@ -187,9 +187,9 @@ class MultiHeadLatentAttention(nn.Module):
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head K and V from cached latents (B, 1, S, d_c + d_h_R):
         K = [W_UK c_KV, k_R] (B, n_h, S, d_h + d_h_R) and V = W_UV c_KV (B, n_h, S, d_v)."""
-        d_c = self.config.kv_lora_rank
-        c_KV, k_R = latent[:, 0, :, :d_c], latent[:, :, :, d_c:]                      # (B, S, d_c), (B, 1, S, d_h_R)
         c = self.config
+        d_c = c.kv_lora_rank
+        c_KV, k_R = latent[:, 0, :, :d_c], latent[:, :, :, d_c:]                      # (B, S, d_c), (B, 1, S, d_h_R)
         B, S = latent.shape[0], latent.shape[2]
         nbytes = B * c.num_attention_heads * S * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) \
             * latent.element_size()

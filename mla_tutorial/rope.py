@@ -145,8 +145,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32."""
         if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-            raise TypeError(f"RotaryEmbedding expects a 1-D tensor of positions, e.g. torch.arange(T), got "
-                            f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+            got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+            raise TypeError(f"RotaryEmbedding expects a 1-D tensor of positions, e.g. torch.arange(T), got {got}")
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]

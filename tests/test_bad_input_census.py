@@ -53,7 +53,7 @@ class Row:
     error: type[BaseException]
     match: str                       # regex the message must contain (case-sensitive)
     origin: str = "mla_tutorial"     # the package whose code must raise it (argparse for the CLI's exits)
-    needs: str | None = None         # an optional package the row needs
+    needs: str | None = None         # an optional package the row needs (imported before the clock starts)
 
 
 ROWS: dict[str, Row] = {}
@@ -134,8 +134,8 @@ def fp8(sd: dict, scales: bool, scale_shape: tuple[int, int] | None = None) -> d
 
 def old_transformers(fn: Callable[[], Any]) -> Callable[[], Any]:
     def call() -> Any:
-        import transformers
-        with mock.patch.object(transformers, "__version__", "5.14.1"):
+        # sys.modules, not a name bound earlier: a first import of a model may put a new transformers there
+        with mock.patch.object(sys.modules["transformers"], "__version__", "5.14.1"):
             return fn()
     return call
 
@@ -143,6 +143,11 @@ def old_transformers(fn: Callable[[], Any]) -> Callable[[], Any]:
 def hf_v3_config():
     import transformers
     return transformers.DeepseekV3Config(**hf_dict(q_lora_rank=16, num_key_value_heads=4))
+
+
+def hf_v3_attention():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+    return DeepseekV3Attention(hf_v3_config(), layer_idx=0)
 
 
 def with_machine(measured: dict[str, float], fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -338,7 +343,8 @@ for name, call, error, match in [
     ("RMSNorm dim 0", lambda: RMSNorm(0), ValueError, r"RMSNorm\.dim must be a positive integer"),
     ("RMSNorm eps negative", lambda: RMSNorm(4, -1e-6), ValueError, r"RMSNorm\.eps must be > 0"),
     ("RMSNorm eps str", lambda: RMSNorm(4, "1e-6"), TypeError, r"RMSNorm\.eps must be a number"),
-    ("RMSNorm input width", lambda: RMSNorm(4)(x(2, 5)), ValueError, r"RMSNorm\(4\) expects a floating-point tensor \(\.\.\., 4\)"),
+    ("RMSNorm input width", lambda: RMSNorm(4)(x(2, 5)), ValueError,
+     r"RMSNorm\(4\) expects a floating-point tensor \(\.\.\., 4\)"),
 ]:
     entry = {"MHA": "MultiHeadAttention", "MLA": "MultiHeadLatentAttention"}.get(name.split()[0], name.split()[0])
     row(name, entry, call, error, match)
@@ -462,7 +468,8 @@ for name, entry, call, error, match in [
     ("pick_device missing", "pick_device", lambda: pick_device("cuda:99"), ValueError,
      r"'cuda:99'.*(not available on this machine|CUDA device)"),
     ("pick_dtype str", "pick_dtype", lambda: pick_dtype("tpu"), ValueError, r"pick_dtype: unknown device 'tpu'"),
-    ("pick_dtype int", "pick_dtype", lambda: pick_dtype(42), TypeError, r"pick_dtype needs a torch.device or a device name"),
+    ("pick_dtype int", "pick_dtype", lambda: pick_dtype(42), TypeError,
+     r"pick_dtype needs a torch.device or a device name"),
     ("pick_dtype missing GPU", "pick_dtype", lambda: pick_dtype("cuda:99"), ValueError, r"cuda:99"),
     ("describe_device None", "describe_device", lambda: describe_device(None), TypeError, r"needs a torch.device"),
     ("describe_device str", "describe_device", lambda: describe_device("quantum"), ValueError, r"unknown device"),
@@ -483,7 +490,8 @@ row("pick_device MLA_DEVICE", "pick_device", env_device, ValueError, r"'tpu' \(f
 
 # --- transformers interop -------------------------------------------------------------------------------
 for name, call, error, match in [
-    ("not a config", lambda: mla_config_from_hf(42), TypeError, r"needs a transformers config object or a config.json dict"),
+    ("not a config", lambda: mla_config_from_hf(42), TypeError,
+     r"needs a transformers config object or a config.json dict"),
     ("missing fields", lambda: mla_config_from_hf({"hidden_size": 64}), ValueError,
      r"lacks the MLA fields \['num_attention_heads', .*is it a DeepSeek-V2/V3 config"),
     ("rope_theta 0", lambda: mla_config_from_hf(hf_dict(rope_theta=0)), ValueError,
@@ -564,10 +572,15 @@ for name, call, error, match in [
     ("strict str", lambda: load_hf_attention(mla(), SD, strict="no"), TypeError, r"strict must be True or False"),
 ]:
     row(f"load_hf_attention {name}", "load_hf_attention", call, error, match)
-row("mla_config_from_hf old transformers", "mla_config_from_hf", old_transformers(lambda: mla_config_from_hf(hf_v3_config())),
+row("mla_config_from_hf old transformers", "mla_config_from_hf",
+    old_transformers(lambda: mla_config_from_hf(hf_v3_config())),
     ImportError, r"with a DeepseekV3Config \(pass its to_dict\(\).*needs transformers >= 5.15.0, found 5.14.1.*"
     r"pip install 'transformers>=5.15.0'",
     needs="transformers")
+row("load_hf_attention old transformers", "load_hf_attention",
+    old_transformers(lambda: load_hf_attention(mla(mla_config_from_hf(hf_v3_config().to_dict())), hf_v3_attention())),
+    ImportError, r"load_hf_attention with a DeepseekV3Attention \(pass its state_dict\(\) to skip this check\) needs "
+    r"transformers >= 5.15.0", needs="transformers")
 row("make_variants hf on old transformers", "make_variants",
     old_transformers(lambda: bench.make_variants(bench.bench_config(**TINY_BENCH), ["absorbed", "hf"])),
     ValueError, r"the benchmark's hf mode needs transformers >= 5.15.0, found 5.14.1.*leave hf out of modes",
@@ -678,7 +691,8 @@ for name, argv, match, slow in [
     ("--hidden-size 100000000", ["--hidden-size", "100000000"],
      r"the weights of .* at --hidden-size 100000000 need about .*; use a smaller --hidden-size or --heads", False),
     ("--prefill-tokens huge", ["--prefill-tokens", "1000000000"], r"use fewer --prefill-tokens", False),
-    ("--contexts huge", ["--contexts", "10000000000000", "--modes", "mha,absorbed"], r"no decode case fits in memory.*shorter --contexts", False),
+    ("--contexts huge", ["--contexts", "10000000000000", "--modes", "mha,absorbed"],
+     r"no decode case fits in memory.*shorter --contexts", False),
     ("--device gpu", ["--device", "gpu"], r"--device: unknown device 'gpu'", False),
     ("--device cuda:99", ["--device", "cuda:99"], r"--device: device 'cuda:99'", False),
     ("--dtype int8", ["--dtype", "int8"], r"argument --dtype: invalid choice: 'int8'", False),
@@ -727,6 +741,8 @@ def test_bad_input_fails_clearly_and_at_once(name, capsys):
     r = ROWS[name]
     if r.needs:
         pytest.importorskip(r.needs)
+        if r.needs == "transformers":  # its first import of a model takes seconds, and is not the refusal
+            import transformers.models.deepseek_v3.modeling_deepseek_v3  # noqa: F401
     start = time.perf_counter()
     with alarm(10), pytest.raises(r.error) as excinfo:
         r.call()
