@@ -119,7 +119,7 @@ def dataflow(c: MLAConfig) -> str:
     """MLA's dataflow for one token (the DeepSeek-V2 paper's Figure 3), with DeepSeek-V3's widths."""
     n_h, d_h, d_R, d_v, d_c = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
     W, m, gap = 480, 12, 8
-    col = [84, 84, 84, 84, 100]                     # q^C, q^R, k^C, v^C, and the column k^R runs down
+    col = [82, 82, 82, 82, 96]                      # q^C, q^R, k^C, v^C, and the column k^R runs down
     xs = [m + sum(col[:i]) + gap * i for i in range(5)]
     mid = [x + w / 2 for x, w in zip(xs, col)]
     span = lambda i, j: (xs[i], xs[j] + col[j] - xs[i])  # noqa: E731  (x, width) over columns i..j
@@ -140,12 +140,13 @@ def dataflow(c: MLAConfig) -> str:
         s.arrow(x, 62, x, y1 - 2)
     # up-projections (row 2): per-head queries, keys and values
     y2, h2 = 236, 54
-    rows = [("q^{C}", "W^{UQ}", f"{n_h} × {d_h}", "query"), ("q^{R}", "W^{QR}, RoPE", f"{n_h} × {d_R}", "rope"),
-            ("k^{C}", "W^{UK}", f"{n_h} × {d_h}", "latent"), ("v^{C}", "W^{UV}", f"{n_h} × {d_v}", "latent")]
+    rows = [("q^{C}", ["W^{UQ}"], f"{n_h} × {d_h}", "query"), ("q^{R}", ["W^{QR},", "RoPE"], f"{n_h} × {d_R}", "rope"),
+            ("k^{C}", ["W^{UK}"], f"{n_h} × {d_h}", "latent"), ("v^{C}", ["W^{UV}"], f"{n_h} × {d_v}", "latent")]
     for i, (name, weight, shape, kind) in enumerate(rows):
         s.box(xs[i], y2, col[i], h2, [name, shape], kind)
         s.arrow(mid[i], y1 + h1, mid[i], y2 - 2)
-        s.text(mid[i] + 5, y1 + h1 + 36, weight, 13, anchor="start", colour=MUTED)
+        for j, line in enumerate(weight):
+            s.text(mid[i] + 5, y1 + h1 + 30 + 16 * j, line, 13, anchor="start", colour=MUTED)
     s.text(mid[4], y2 + 22, "one key,", 13, colour=MUTED)
     s.text(mid[4], y2 + 39, "all heads", 13, colour=MUTED)
     # attention (row 3) and the output (row 4)

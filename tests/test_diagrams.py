@@ -51,6 +51,9 @@ def test_diagram_is_self_contained_and_readable(name):
         assert float(text.get("font-size")) >= DRAW.MIN_FONT, "".join(text.itertext())
         x = float(text.get("x"))
         assert 0 <= x <= width, f"label outside the drawing: {''.join(text.itertext())!r}"
+    for rect in list(root.iter(f"{SVG_NS}rect"))[1:]:  # the first is the white page itself
+        x, w = float(rect.get("x")), float(rect.get("width"))
+        assert 0 < x and x + w < width, f"a box touches or crosses the edge: x={x}, width={w}"
 
 
 def test_diagrams_show_the_package_sizes():
