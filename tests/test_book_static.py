@@ -103,7 +103,7 @@ def test_toc_parts_and_back_matter():
     for page in ("book/setup", "book/glossary"):
         assert page in TOC_FILES, f"{page} is missing from _toc.yml"
     assert captions[-1] == "Back matter", captions
-    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/references"]
+    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/find_the_bug", "book/references"]
 
 
 def test_one_bibliography_on_the_references_page():
