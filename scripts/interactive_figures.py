@@ -111,12 +111,9 @@ def figure_data() -> dict:
     }
 
 
-def write_data_js(folder: pathlib.Path) -> pathlib.Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / DATA_JS
-    path.write_text("/* Written by scripts/interactive_figures.py from the mla_tutorial package; do not edit. */\n"
-                    f"window.MLA_BOOK_DATA = {json.dumps(figure_data(), indent=1, sort_keys=True)};\n")
-    return path
+def data_js() -> str:
+    return ("/* Written by scripts/interactive_figures.py from the mla_tutorial package; do not edit. */\n"
+            f"window.MLA_BOOK_DATA = {json.dumps(figure_data(), indent=1, sort_keys=True)};\n")
 
 
 # --- the directive -----------------------------------------------------------------------------
@@ -155,14 +152,22 @@ class InteractiveFigure(SphinxDirective):
 
 
 # --- wiring ------------------------------------------------------------------------------------
-def _config_inited(app, config):
-    config.html_static_path.append(str(STATIC))
+def _write_if_changed(path: pathlib.Path, content: bytes) -> None:
+    if not path.exists() or path.read_bytes() != content:
+        path.write_bytes(content)
 
 
-def _builder_inited(app):
-    if app.builder.format == "html":
-        # written where Sphinx copies static files from; the build folder is ignored by git
-        app.config.html_static_path.append(str(write_data_js(pathlib.Path(app.outdir).parent / "figure-data")))
+def _build_finished(app, exception):
+    # Written here rather than through html_static_path: Sphinx copies static files only when a
+    # page is rebuilt, and a change to these files (or to the package's presets) rebuilds none.
+    if exception is not None or app.builder.format != "html":
+        return
+    static = pathlib.Path(app.outdir) / "_static"
+    static.mkdir(parents=True, exist_ok=True)
+    for path in sorted(STATIC.iterdir()):
+        if path.is_file():
+            _write_if_changed(static / path.name, path.read_bytes())
+    _write_if_changed(static / DATA_JS, data_js().encode())
 
 
 def _page_context(app, pagename, templatename, context, doctree):
@@ -176,7 +181,6 @@ def setup(app):
                  man=(skip, None), texinfo=(skip, None))
     app.add_directive("interactive-figure", InteractiveFigure)
     app.add_css_file(BOOK_CSS)
-    app.connect("config-inited", _config_inited)
-    app.connect("builder-inited", _builder_inited)
     app.connect("html-page-context", _page_context)
+    app.connect("build-finished", _build_finished)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

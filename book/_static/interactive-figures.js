@@ -502,7 +502,9 @@
       out.set("vs_mha", ratio, fmtSig(ratio, 3) + "x smaller" + (kind === "mla" ? " (MHA with head dim d_v)" : ""));
       var total = perToken * context * batch;
       out.set("cache_total", total, fmtBytes(total));
-      var acc = {memory_bytes: num(inputs.memory_gb) * 1e9, bandwidth_bytes_per_s: num(inputs.bandwidth_tbs) * 1e12,
+      // a listed accelerator: the package's exact figures; edited fields make it "custom"
+      var acc = accs.filter(function (x) { return x.name === inputs.accelerator.value; })[0] ||
+                {memory_bytes: num(inputs.memory_gb) * 1e9, bandwidth_bytes_per_s: num(inputs.bandwidth_tbs) * 1e12,
                  peak_flops_per_s: num(inputs.peak_tflops) * 1e12};
       var hw = node(acc, positiveInt(inputs.count), num(inputs.usable) / 100);
       var attnBytes = kvCacheElements(c, m) * bpe;
@@ -554,7 +556,7 @@
     inputs.accelerator.addEventListener("change", function () { loadAccelerator(inputs.accelerator.value); update(); });
     markCustom(inputs, ["attention", "n_h", "n_kv", "d_h", "d_c", "d_h_R", "d_v", "layers", "total_b", "active_b"]);
     ["memory_gb", "bandwidth_tbs", "peak_tflops"].forEach(function (k) {
-      inputs[k].addEventListener("input", function () { inputs.accelerator.value = "custom"; });
+      inputs[k].addEventListener("input", function (e) { if (e.bubbles) inputs.accelerator.value = "custom"; });
     });
     root.addEventListener("input", update);
     root.addEventListener("change", update);
