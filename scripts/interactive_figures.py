@@ -20,8 +20,7 @@ pages with a figure) draws the controls and the plot. Presets and constants come
 (:func:`figure_data`), so nothing is retyped; ``tests/test_interactive_figures.py`` moves the
 controls in a browser and checks the numbers shown against the package's functions.
 
-The extension also adds ``book/_static/book.css`` to every page: layout at phone widths and
-dark-mode legibility.
+Their styles are in ``book/_static/book.css`` (on every page, through _config.yml).
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STATIC = ROOT / "book" / "_static"
 DATA_JS = "interactive-figures-data.js"
 FIGURES_JS = "interactive-figures.js"
-BOOK_CSS = "book.css"
 
 #: kind -> default caption (a page may give its own with :caption:).
 KINDS = {
@@ -158,7 +156,7 @@ def _write_if_changed(path: pathlib.Path, content: bytes) -> None:
 
 
 def _build_finished(app, exception):
-    # Written here rather than through html_static_path: Sphinx copies static files only when a
+    # Written here as well as through html_static_path: Sphinx copies static files only when a
     # page is rebuilt, and a change to these files (or to the package's presets) rebuilds none.
     if exception is not None or app.builder.format != "html":
         return
@@ -180,7 +178,6 @@ def setup(app):
     app.add_node(interactive_figure, html=(visit_html, None), latex=(skip, None), text=(skip, None),
                  man=(skip, None), texinfo=(skip, None))
     app.add_directive("interactive-figure", InteractiveFigure)
-    app.add_css_file(BOOK_CSS)
     app.connect("html-page-context", _page_context)
     app.connect("build-finished", _build_finished)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
