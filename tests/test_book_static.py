@@ -262,6 +262,8 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/01_attention.ipynb",
     "notebooks/02_kv_cache.ipynb",
     "notebooks/03_mqa_gqa.ipynb",
+    "book/explorer.md",
+    "book/find_the_bug.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",

@@ -7,14 +7,15 @@ the repository:
 
 - a new virtual environment with only what a Colab runtime brings that the book relies on:
   this machine's PyTorch (linked from the test environment, so nothing large is copied or
-  downloaded), ipykernel, and ipywidgets 7.7.1 (Colab's version); plus a stand-in `google.colab`
+  downloaded), ipykernel, and ipywidgets 7.7.1 (Colab's version; the notebook server it requires,
+  which Colab has, is stood in for by its package metadata); plus a stand-in `google.colab`
   module that the kernel imports at start, as Colab's does, so the install cell really runs its
   `%pip install`;
 - chapters 00, 05 and 08, each copied alone into an empty folder and run top to bottom in that
   kernel, with the install cell pointed at this clone (`git+file://...@<HEAD>`) instead of GitHub;
 - pip constrained to each dependency's declared floor (`numpy>=1.24` installs numpy 1.24.x, ...)
-  and to the preinstalled PyTorch, so that a floor too low for the code, or one that would make
-  Colab replace its PyTorch, fails here.
+  and to the preinstalled PyTorch and ipywidgets, so that a floor too low for the code, or one that
+  would make Colab replace its PyTorch or its widgets, fails here.
 
 It fails on a path that only works inside the repository, an import the package does not
 declare, or a wrong floor. It tests the package as committed (HEAD): uncommitted changes to the
@@ -42,8 +43,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHAPTERS = ("00", "05", "08")
 #: What a Colab runtime has installed that the book uses, and that this test brings along itself.
 PREINSTALLED = ("torch", "ipykernel", "pip")
-#: Colab's ipywidgets (7.x), installed without its notebook-server dependencies.
-COLAB_IPYWIDGETS = ("ipywidgets==7.7.1", "widgetsnbextension==3.6.*", "jupyterlab-widgets==1.*", "ipython-genutils")
+#: Colab's ipywidgets, installed without its dependencies; the notebook server they require, which
+#: Colab has and nothing here runs, is stood in for by its package metadata alone (NOTEBOOK_STAND_IN).
+COLAB_IPYWIDGETS = "7.7.1"
+COLAB_WIDGET_PACKAGES = (f"ipywidgets=={COLAB_IPYWIDGETS}", "widgetsnbextension==3.6.*", "jupyterlab-widgets==1.*",
+                         "ipython-genutils")
+NOTEBOOK_STAND_IN = ("notebook", "6.5.5")
+#: Preinstalled packages the install cell must keep as they are (torch: this environment's).
+KEPT = ("torch", "ipywidgets")
 CELL_TIMEOUT_S = 600
 
 
@@ -113,7 +120,7 @@ def _floors() -> list[str]:
     pins = []
     for spec in project["dependencies"] + [r for extra in ("hf",) for r in project["optional-dependencies"][extra]]:
         req = Requirement(spec)
-        if _canonical(req.name) in PREINSTALLED:
+        if _canonical(req.name) in PREINSTALLED + KEPT:
             continue
         floors = [s.version for s in req.specifier if s.operator == ">="]
         assert floors, f"{spec}: every dependency needs a floor (>=) for this check"
@@ -134,6 +141,11 @@ class ColabRuntime:
             [str(self.python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             check=True, capture_output=True, text=True).stdout.strip())
         _preinstall(base / "image")
+        name, version = NOTEBOOK_STAND_IN
+        info = base / "image" / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "RECORD").write_text("")
         self.torch_version = importlib.metadata.version("torch")
         # The stand-in for Colab's own module; the install cell only looks for it in sys.modules.
         fake = base / "colab-site" / "google" / "colab"
@@ -142,7 +154,8 @@ class ColabRuntime:
         (self.site / "colab_runtime.pth").write_text(f"{base / 'image'}\n{base / 'colab-site'}\n")
         # pip: the floors, and the preinstalled torch must stay (pip may not replace it)
         constraints = base / "constraints.txt"
-        constraints.write_text("\n".join(_floors() + [f"torch=={self.torch_version}"]) + "\n")
+        constraints.write_text("\n".join(_floors() + [f"torch=={self.torch_version}",
+                                                      f"ipywidgets=={COLAB_IPYWIDGETS}"]) + "\n")
         self.env = {k: v for k, v in os.environ.items()
                     if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV")}
         (base / "tmp").mkdir()
@@ -150,7 +163,7 @@ class ColabRuntime:
                         TMPDIR=str(base / "tmp"),
                         PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1",
                         PYTHONNOUSERSITE="1")
-        self.pip("install", "--quiet", "--no-deps", *COLAB_IPYWIDGETS, constrained=False)
+        self.pip("install", "--quiet", "--no-deps", *COLAB_WIDGET_PACKAGES, constrained=False)
         # a kernel spec for the runtime; the kernel imports google.colab at start, like Colab's
         spec = base / "jupyter" / "kernels" / "colab"
         spec.mkdir(parents=True)
@@ -259,7 +272,7 @@ import importlib.metadata as m, json, mla_tutorial, torch
 d = m.distribution("mla_tutorial")
 print(json.dumps({"file": mla_tutorial.__file__, "torch": torch.__version__, "torch_file": torch.__file__,
                   "direct_url": json.loads(d.read_text("direct_url.json") or "{}"),
-                  "versions": {n: m.version(n) for n in ("numpy", "matplotlib", "ipywidgets", "tqdm")}}))
+                  "versions": {n: m.version(n) for n in ("numpy", "matplotlib", "ipywidgets", "tqdm", "transformers")}}))
 """], env=colab.env, cwd=colab.base, check=True, capture_output=True, text=True).stdout)
     assert pathlib.Path(report["file"]).is_relative_to(colab.venv), (
         f"mla_tutorial was imported from {report['file']}, not from the Colab environment")
@@ -268,5 +281,6 @@ print(json.dumps({"file": mla_tutorial.__file__, "torch": torch.__version__, "to
     assert report["torch"] == colab.torch_version and pathlib.Path(report["torch_file"]).is_relative_to(
         colab.base / "image"), f"pip replaced the runtime's PyTorch: torch {report['torch']} at {report['torch_file']}"
     floors = {pin.split("==")[0]: pin.split("==")[1].rstrip("*") for pin in _floors()}
+    floors["ipywidgets"] = COLAB_IPYWIDGETS  # Colab's, kept
     for name, version in report["versions"].items():
-        assert version.startswith(floors[name]), f"{name} {version} installed, the floor is {floors[name]}*"
+        assert version.startswith(floors[name]), f"{name} {version} installed, expected {floors[name]}*"
