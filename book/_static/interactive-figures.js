@@ -341,7 +341,7 @@
       if (l.x < x0 || l.x > x1) return;
       g.appendChild(svgEl("line", {x1: fx(l.x), x2: fx(l.x), y1: m.top, y2: m.top + h, "class": l.cls}));
       var right = fx(l.x) > m.left + w * 0.6;
-      g.appendChild(svgEl("text", {x: fx(l.x) + (right ? -4 : 4), y: m.top + 14, "class": "if-note",
+      g.appendChild(svgEl("text", {x: fx(l.x) + (right ? -4 : 4), y: l.middle ? m.top + h / 2 : m.top + 14, "class": "if-note",
                                    "text-anchor": right ? "end" : "start"}, l.label));
     });
     series.forEach(function (s) {
@@ -548,7 +548,7 @@
       lineChart(chart.svg, chart.width(), 250, [{points: pts, cls: "if-a", label: "roofline throughput"}], {
         logX: true, xMin: 1, xMax: xMax, xLabel: "batch (sequences of " + fmtInt(context) + " tokens)",
         yLabel: "tokens/s", bands: mb < xMax ? [{from: Math.max(mb, 1), to: xMax, cls: "if-band-no"}] : [],
-        vlines: mb >= 1 ? [{x: mb, cls: "if-marker", label: "largest batch " + fmtInt(mb)}] : [],
+        vlines: mb >= 1 ? [{x: mb, cls: "if-marker", label: "largest batch " + fmtInt(mb), middle: true}] : [],
         dots: [{x: batch, y: st.tokens_per_s, cls: "if-a"}], legendBottom: true});
     }
 
