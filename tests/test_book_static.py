@@ -103,7 +103,7 @@ def test_toc_parts_and_back_matter():
     for page in ("book/setup", "book/glossary"):
         assert page in TOC_FILES, f"{page} is missing from _toc.yml"
     assert captions[-1] == "Back matter", captions
-    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/references"]
+    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/explorer", "book/find_the_bug", "book/references"]
 
 
 def test_one_bibliography_on_the_references_page():
@@ -262,6 +262,8 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/01_attention.ipynb",
     "notebooks/02_kv_cache.ipynb",
     "notebooks/03_mqa_gqa.ipynb",
+    "book/explorer.md",
+    "book/find_the_bug.ipynb",
     "notebooks/04_latent_compression.ipynb",
     "notebooks/05_weight_absorption.ipynb",
     "notebooks/06_decoupled_rope.ipynb",
