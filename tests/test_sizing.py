@@ -135,6 +135,7 @@ def test_decode_sweep_memory_counts_the_caches_and_the_expansion():
     L = 8192
     one = sizing.decode_sweep_plan(roomy, V3, dtype=torch.bfloat16, contexts=[L])
     two = sizing.decode_sweep_plan(roomy, V3, dtype=torch.bfloat16, contexts=[L], layers=2)
+
     def cache(mode=None):
         return kv_cache_bytes(V3, L + 1, dtype=torch.bfloat16, mode=mode, num_layers=1)
 
