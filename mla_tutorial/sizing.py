@@ -13,9 +13,10 @@ and **1 minute on an H100-class one**. This module is the one place those sizes 
   figures eager PyTorch reaches; ASSUMPTION: 0.25) plus a fixed overhead per step (kernel launches
   and Python; ASSUMPTION: 2 ms). It is a planning estimate, not a prediction: the GPU run script
   (``scripts/gpu_run.py``) records the real wall time of every notebook so it can be checked.
-* :func:`bench_plan` (chapter 08) and :func:`layer_run_plan` (chapter 07) pick the largest sizes
-  whose estimate fits half the budget (the other half is left for what is not sized: imports,
-  building layers, plotting) and whose memory fits half the device's.
+* :func:`bench_plan` (chapter 08), :func:`layer_run_plan` (chapter 07), :func:`decode_sweep_plan`
+  (chapter 04) and :func:`absorption_plan` (chapter 05) pick the largest sizes whose estimate fits
+  half the budget (the other half is left for what is not sized: imports, building layers, the
+  chapters' CPU work, plotting) and whose memory fits half the device's.
 
 Every function takes the device's properties as an argument, so the sizes a T4 or an H100 would
 get can be computed (and tested) on any machine, with fake properties.
@@ -31,10 +32,13 @@ from typing import Any
 import torch
 
 from .accounting import bytes_per_element
+from .checks import check_int, check_real
 from .config import MLAConfig
+from .mla import MultiHeadLatentAttention
 
 __all__ = ["DATASHEETS", "GPUBudget", "gpu_budget", "time_budget_s", "largest_fitting", "bench_plan",
-           "BenchPlan", "layer_run_plan", "LayerRunPlan"]
+           "BenchPlan", "layer_run_plan", "LayerRunPlan", "SweepPlan", "decode_sweep_plan", "chunk_sweep_plan",
+           "absorption_plan"]
 
 #: Datasheet figures per GPU, matched in order against the device's name (case-insensitive):
 #: (name fragment, dense fp16/bf16 tensor-core FLOP/s, memory bandwidth in bytes/s, source). These
@@ -265,3 +269,156 @@ def layer_run_plan(budget: GPUBudget, config: MLAConfig, *, dtype: torch.dtype =
 
     T = largest_fitting(prompts, seconds, budget.plan_seconds, memory, budget.plan_memory_bytes, "prompt")
     return LayerRunPlan(T, new_tokens, seconds(T), memory(T))
+
+
+# --- chapters 04 and 05: one MLA layer timed against context, and chapter 05's query chunks -------
+@dataclass(frozen=True)
+class SweepPlan:
+    """Sizes a chapter times one after another on a GPU (contexts or chunk lengths, shortest first),
+    each timed ``repeats`` times after a warm-up, with the estimate behind them: ``estimated_s`` for
+    the whole sweep, ``estimated_bytes`` at its largest size."""
+
+    sizes: tuple[int, ...]
+    repeats: int
+    estimated_s: float
+    estimated_bytes: float
+
+
+def _sweep(sizes: Sequence[int], repeats: int, cost: Callable[[int], float], memory: Callable[[int], float],
+           seconds: float, memory_bytes: float, what: str) -> SweepPlan:
+    """The longest run of ``sizes`` (shortest first) whose summed ``cost`` fits ``seconds`` and whose
+    largest size's ``memory`` fits ``memory_bytes``."""
+    ordered = sorted(sizes)
+
+    def total(size: int) -> float:
+        return sum(cost(s) for s in ordered if s <= size)
+
+    top = largest_fitting(ordered, total, seconds, memory, memory_bytes, what)
+    return SweepPlan(tuple(s for s in ordered if s <= top), repeats, total(top), memory(top))
+
+
+def _check_sweep_args(owner: str, budget: GPUBudget, sizes: Any, name: str, repeats: Any, seconds: Any) -> float:
+    if not isinstance(budget, GPUBudget):
+        raise TypeError(f"{owner}: budget must be a GPUBudget (sizing.gpu_budget(device)), got {type(budget).__name__}")
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes:
+        raise ValueError(f"{owner}: {name} must be a non-empty sequence of positive ints, got {sizes!r}")
+    for size in sizes:
+        check_int(owner, name, size, minimum=1)
+    check_int(owner, "repeats", repeats, minimum=1)
+    if seconds is None:
+        return budget.plan_seconds
+    return check_real(owner, "seconds", seconds, above=0, hint="the share of budget.plan_seconds this sweep may take")
+
+
+def _expanded_bytes_per_token(config: MLAConfig, dtype: torch.dtype) -> float:
+    """Per-head keys (content and RoPE parts) and values of one token, as expanding a latent makes them."""
+    c = config
+    return c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * bytes_per_element(dtype)
+
+
+def _expand_flops_per_token(config: MLAConfig) -> int:
+    """FLOPs of expanding one cached latent into every head's key and value: ``2 n_h d_c (d_h + d_v)``."""
+    c = config
+    return 2 * c.num_attention_heads * c.kv_lora_rank * (c.qk_nope_head_dim + c.v_head_dim)
+
+
+DECODE_SWEEP_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def decode_sweep_plan(budget: GPUBudget, config: MLAConfig, modes: Sequence[str] = ("expanded", "latent"), *,
+                      dtype: torch.dtype = torch.bfloat16, contexts: Sequence[int] = DECODE_SWEEP_CONTEXTS,
+                      repeats: int = 10, seconds: float | None = None, layers: int = 1) -> SweepPlan:
+    """The longest run of ``contexts`` for which :func:`mla_tutorial.timing.decode_step_times` of one
+    MLA layer in ``modes`` (chapter 04: expanded and latent), context after context, fits ``seconds``
+    (default ``budget.plan_seconds``) and half the device's memory.
+
+    Time: every mode's step, timed ``repeats`` times after a warm-up round, from its FLOPs and the
+    bytes it reads (weights and cache), plus filling the expanded cache by expanding the latents once.
+    Memory at a context: ``layers`` copies of the weights (chapter 05 holds two layers), every mode's
+    cache and the random latents they are filled from, and, where the keys and values are expanded
+    (each latent step, and filling the expanded cache), three per-head copies of them: the content
+    keys and the values, the keys with their RoPE part, and an fp32 copy of the keys where a GPU
+    cannot take 16-bit products to fp32 directly.
+    """
+    seconds = _check_sweep_args("decode_sweep_plan", budget, contexts, "contexts", repeats, seconds)
+    check_int("decode_sweep_plan", "layers", layers, minimum=1)
+    if isinstance(modes, str) or not modes:
+        raise ValueError(f"decode_sweep_plan: modes must be a non-empty sequence of MLA modes, got {modes!r}")
+    modes = [MultiHeadLatentAttention._check_mode(m) for m in modes]
+    variants = _meta_variants(config, modes, dtype)
+    weights = next(iter(variants.values())).weight_bytes
+    expanded = _expanded_bytes_per_token(config, dtype)
+    expands = "expanded" in modes or "latent" in modes
+
+    def cost(L: int) -> float:
+        total = sum(budget.seconds_for(v.flops(1, L), v.bytes(1, L), repeats + 1) for v in variants.values())
+        if "expanded" in modes:
+            total += budget.seconds_for(L * _expand_flops_per_token(config), L * expanded)
+        return total
+
+    def memory(L: int) -> float:
+        caches = sum(v.cache_bytes_per_token for v in variants.values()) * (L + 1)
+        latents = L * config.latent_cache_dim * bytes_per_element(dtype)
+        return layers * weights + caches + latents + (3 * (L + 1) * expanded if expands else 0)
+
+    return _sweep(contexts, repeats, cost, memory, seconds, budget.plan_memory_bytes, "context")
+
+
+ABSORPTION_CHUNKS = (1, 4, 16, 64, 128, 256, 512, 1024)
+
+
+def chunk_sweep_plan(budget: GPUBudget, config: MLAConfig, *, dtype: torch.dtype = torch.bfloat16,
+                     prefix: int = 4096, chunks: Sequence[int] = ABSORPTION_CHUNKS, repeats: int = 10,
+                     seconds: float | None = None) -> SweepPlan:
+    """The longest run of ``chunks`` for which chapter 05's chunk measurement fits ``seconds``
+    (default ``budget.plan_seconds``) and half the device's memory: ``T`` new queries after
+    ``prefix`` cached tokens, computed absorbed and expanded by two layers, ``repeats`` times each
+    after a warm-up.
+
+    FLOPs per head for ``T`` queries over ``S = prefix + T`` keys are those of
+    :meth:`~mla_tutorial.MultiHeadLatentAttention.uses_absorbed_path`, plus the projections of the
+    ``T`` tokens; both paths read the weights and the latent cache and write and read their fp32
+    scores, and the expanded one writes and reads the keys and values it expands. Memory: two layers'
+    weights, their caches, the fp32 scores with their softmax and its cast (up to ``12 + b`` bytes per
+    score, ``b`` the dtype's, counting the product before it is scaled), and the expanded path's keys
+    and values (three per-head copies, as in :func:`decode_sweep_plan`).
+    """
+    seconds = _check_sweep_args("chunk_sweep_plan", budget, chunks, "chunks", repeats, seconds)
+    check_int("chunk_sweep_plan", "prefix", prefix, minimum=0)
+    c = config
+    mla = _meta_variants(config, ["absorbed"], dtype)["absorbed"]
+    n_h, d_c, d_R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+    d_h, d_v = c.qk_nope_head_dim, c.v_head_dim
+    elem = bytes_per_element(dtype)
+    expanded = _expanded_bytes_per_token(config, dtype)
+
+    def cost(T: int) -> float:
+        S = prefix + T
+        projections = 2 * mla.matrix_params * T
+        absorbed = n_h * (2 * T * d_c * (d_h + d_v) + 2 * T * S * (d_c + d_R) + 2 * T * S * d_c)
+        expand = n_h * (2 * S * d_c * (d_h + d_v) + 2 * T * S * (d_h + d_R + d_v))
+        read = mla.weight_bytes + S * mla.cache_bytes_per_token + 16 * n_h * T * S  # fp32 scores, softmax
+        return (budget.seconds_for(projections + absorbed, read, repeats + 1)
+                + budget.seconds_for(projections + expand, read + 2 * S * expanded, repeats + 1))
+
+    def memory(T: int) -> float:
+        S = prefix + T
+        return (2 * mla.weight_bytes + 3 * S * mla.cache_bytes_per_token + n_h * T * S * (12 + elem)
+                + 3 * S * expanded)
+
+    return _sweep(chunks, repeats, cost, memory, seconds, budget.plan_memory_bytes, "chunk")
+
+
+def absorption_plan(budget: GPUBudget, config: MLAConfig, *, dtype: torch.dtype = torch.bfloat16,
+                    prefix: int = 4096, repeats: int = 10) -> tuple[SweepPlan, SweepPlan]:
+    """Chapter 05's two GPU measurements, each given half of ``budget.plan_seconds``: the chunks of
+    new queries after ``prefix`` cached tokens (:func:`chunk_sweep_plan`), then one decoding step
+    against context in the three cache modes, with both layers still held (:func:`decode_sweep_plan`)."""
+    if not isinstance(budget, GPUBudget):
+        raise TypeError(f"absorption_plan: budget must be a GPUBudget (sizing.gpu_budget(device)), "
+                        f"got {type(budget).__name__}")
+    half = budget.plan_seconds / 2
+    chunks = chunk_sweep_plan(budget, config, dtype=dtype, prefix=prefix, repeats=repeats, seconds=half)
+    contexts = decode_sweep_plan(budget, config, ("expanded", "latent", "absorbed"), dtype=dtype,
+                                 repeats=repeats, seconds=half, layers=2)
+    return chunks, contexts

@@ -96,6 +96,7 @@ def decode_step_times(layer: MultiHeadLatentAttention, modes: Iterable[str], con
         if mode == "expanded":
             k, v = layer.expand(latent)
             cache.update(k=k, v=v)
+            del k, v  # the cache holds its own copy: free the expansion before timing
         else:
             cache.update(latent=latent)
         steps[mode] = lambda cache=cache: layer(x, cache)                 # appends the new token ...

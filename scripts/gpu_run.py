@@ -169,7 +169,15 @@ def dry_run(args, torch, paths) -> int:
     print(f"each notebook's budget: {budget.seconds:.0f} s; the whole run's: {args.budget_s:.0f} s")
     sizes = bench_sizes(False, budget, dtype)
     print(f"benchmark: hidden {sizes['config'].hidden_size}, contexts {sizes['contexts']}, {len(sizes['modes'])} modes")
-    layer = sizing.layer_run_plan(budget, MLAConfig.deepseek_v3(), dtype=dtype)
+    v3 = MLAConfig.deepseek_v3()
+    sweep = sizing.decode_sweep_plan(budget, v3, dtype=dtype)
+    print(f"chapter 04: contexts {list(sweep.sizes)} (estimated {sweep.estimated_s:.1f} s, "
+          f"{sweep.estimated_bytes / 1e9:.1f} GB)")
+    chunks, contexts = sizing.absorption_plan(budget, v3, dtype=dtype)
+    print(f"chapter 05: chunks {list(chunks.sizes)}, contexts {list(contexts.sizes)} (estimated "
+          f"{chunks.estimated_s + contexts.estimated_s:.1f} s, "
+          f"{max(chunks.estimated_bytes, contexts.estimated_bytes) / 1e9:.1f} GB)")
+    layer = sizing.layer_run_plan(budget, v3, dtype=dtype)
     print(f"chapter 07: prompt {layer.prompt_len} tokens, then {layer.new_tokens} decoded "
           f"(estimated {layer.estimated_s:.1f} s, {layer.estimated_bytes / 1e9:.1f} GB)")
     print(f"{len(paths)} notebooks, in this order; each starts only while at least {budget.seconds:.0f} s of the "

@@ -264,12 +264,22 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/03_mqa_gqa.ipynb",
     "book/explorer.md",
     "book/find_the_bug.ipynb",
+    "notebooks/04_latent_compression.ipynb",
+    "notebooks/05_weight_absorption.ipynb",
+    "notebooks/06_decoupled_rope.ipynb",
+    "notebooks/07_deepseek_v3_layer.ipynb",
+    "notebooks/08_six_times_faster.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
     "notebooks/01_attention.ipynb",
     "notebooks/02_kv_cache.ipynb",
     "notebooks/03_mqa_gqa.ipynb",
+    "notebooks/04_latent_compression.ipynb",
+    "notebooks/05_weight_absorption.ipynb",
+    "notebooks/06_decoupled_rope.ipynb",
+    "notebooks/07_deepseek_v3_layer.ipynb",
+    "notebooks/08_six_times_faster.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when

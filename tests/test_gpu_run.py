@@ -50,6 +50,12 @@ def test_dry_run_prints_the_plan_for_a_named_gpu(monkeypatch, capsys):
     assert "chapter 07: prompt 2048 tokens" in out and "contexts [1024, 4096, 16384, 65536]" in out
     first = [line.strip() for line in out.splitlines() if line.startswith("  notebooks/")][:2]
     assert first == ["notebooks/07_deepseek_v3_layer.ipynb", "notebooks/08_six_times_faster.ipynb"]
+    assert "chapter 04: contexts [512, 1024, 2048, 4096, 8192, 16384] " in out
+    assert "chapter 05: chunks [1, 4, 16, 64, 128, 256, 512], contexts [512, 1024, 2048, 4096, 8192, 16384] " in out
+    # every notebook of the book is planned, each once
+    listed = [line.strip() for line in out.splitlines() if line.startswith("  ") and line.strip().endswith(".ipynb")]
+    book = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("notebooks/*.ipynb"), *ROOT.glob("book/*.ipynb")])
+    assert sorted(listed) == book and len(listed) == len(set(listed))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -102,3 +102,111 @@ def test_cpu_devices_are_refused_with_a_clear_message():
         sizing.gpu_budget(props=H100).replace(efficiency=0)
     with pytest.raises(ValueError, match="even the smallest prompt"):
         sizing.layer_run_plan(sizing.gpu_budget(props=SimpleNamespace(name="Tesla T4", total_memory=1e9)), V3)
+
+
+# --- chapters 04 and 05: the decode sweep and the chunks of queries --------------------------------
+def _dtype(name):
+    return torch.float16 if name == "T4" else torch.bfloat16
+
+
+GPUS = {"T4": T4, "H100": H100, "H200": H200}
+
+
+def test_decode_sweep_plan_fits_and_grows_with_the_device():
+    plans = {name: sizing.decode_sweep_plan(sizing.gpu_budget(props=p), V3, dtype=_dtype(name))
+             for name, p in GPUS.items()}
+    # a T4's 16 GB stop the sweep before 32,768 tokens (the latent mode's re-expanded keys and values
+    # alone would take 8 GB); an H100 runs it all
+    assert plans["T4"].sizes == sizing.DECODE_SWEEP_CONTEXTS[:-1]
+    assert plans["H100"].sizes == plans["H200"].sizes == sizing.DECODE_SWEEP_CONTEXTS
+    for name, plan in plans.items():
+        budget = sizing.gpu_budget(props=GPUS[name])
+        assert plan.repeats == 10 and plan.estimated_s <= budget.plan_seconds
+        assert plan.estimated_bytes <= budget.plan_memory_bytes
+    t4 = sizing.gpu_budget(props=T4)
+    longest = sizing.decode_sweep_plan(t4.replace(memory_bytes=1e15), V3, dtype=torch.float16)
+    assert longest.sizes == sizing.DECODE_SWEEP_CONTEXTS and longest.estimated_bytes > t4.plan_memory_bytes
+
+
+def test_decode_sweep_memory_counts_the_caches_and_the_expansion():
+    from mla_tutorial import kv_cache_bytes
+
+    roomy = sizing.gpu_budget(props=H100).replace(memory_bytes=1e15, seconds=1e6)
+    L = 8192
+    one = sizing.decode_sweep_plan(roomy, V3, dtype=torch.bfloat16, contexts=[L])
+    two = sizing.decode_sweep_plan(roomy, V3, dtype=torch.bfloat16, contexts=[L], layers=2)
+
+    def cache(mode=None):
+        return kv_cache_bytes(V3, L + 1, dtype=torch.bfloat16, mode=mode, num_layers=1)
+
+    caches, expanded_kv = cache("expanded") + cache(), 3 * cache("expanded")
+    weights = two.estimated_bytes - one.estimated_bytes                      # one layer's weights
+    assert 300e6 < weights < 450e6                                          # V3's attention: 187M parameters in bf16
+    assert one.estimated_bytes >= weights + caches + expanded_kv
+    # absorbed alone re-expands nothing: its memory is the weights and the small latent cache
+    absorbed = sizing.decode_sweep_plan(roomy, V3, ("absorbed",), dtype=torch.bfloat16, contexts=[L])
+    assert absorbed.estimated_bytes < weights + 2 * cache() + 1e6
+
+
+def test_a_smaller_time_budget_drops_the_longest_contexts_first():
+    t4 = sizing.gpu_budget(props=T4).replace(memory_bytes=1e15)
+    full = sizing.decode_sweep_plan(t4, V3, dtype=torch.float16)
+    lengths = []
+    for seconds in (0.2, 0.3, 0.5, 1.0, 2.0, 4.0):
+        plan = sizing.decode_sweep_plan(t4, V3, dtype=torch.float16, seconds=seconds)
+        assert plan.sizes == full.sizes[:len(plan.sizes)] and plan.estimated_s <= seconds
+        lengths.append(len(plan.sizes))
+    assert lengths == sorted(lengths) and len(set(lengths)) > 2, lengths
+    with pytest.raises(ValueError, match="even the smallest context"):
+        sizing.decode_sweep_plan(t4, V3, dtype=torch.float16, seconds=0.01)
+
+
+def test_chunk_sweep_plan_and_chapter_05s_two_halves():
+    for name, props in GPUS.items():
+        budget = sizing.gpu_budget(props=props)
+        chunks, contexts = sizing.absorption_plan(budget, V3, dtype=_dtype(name))
+        assert chunks.estimated_s <= budget.plan_seconds / 2 and contexts.estimated_s <= budget.plan_seconds / 2
+        assert max(chunks.estimated_bytes, contexts.estimated_bytes) <= budget.plan_memory_bytes
+        assert chunks.sizes == sizing.ABSORPTION_CHUNKS[:len(chunks.sizes)]
+        assert contexts.sizes == sizing.DECODE_SWEEP_CONTEXTS[:len(contexts.sizes)]
+    t4_chunks, t4_contexts = sizing.absorption_plan(sizing.gpu_budget(props=T4), V3, dtype=torch.float16)
+    h100_chunks, h100_contexts = sizing.absorption_plan(sizing.gpu_budget(props=H100), V3)
+    # 1,024 queries over 5,120 keys and 128 heads: 0.67 G scores, 9 GB in fp32 with their softmax
+    assert t4_chunks.sizes[-1] == 512 and h100_chunks.sizes[-1] == 1024
+    assert t4_contexts.sizes[-1] == 16384 and h100_contexts.sizes[-1] == 32768
+    # more cached tokens before the chunk cost more
+    roomy = sizing.gpu_budget(props=H100).replace(memory_bytes=1e15, seconds=1e6)
+    short, long = (sizing.chunk_sweep_plan(roomy, V3, prefix=p) for p in (256, 16384))
+    assert long.estimated_s > short.estimated_s and long.estimated_bytes > short.estimated_bytes
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda b: sizing.decode_sweep_plan(b, V3, ("hf",)), ValueError, "unknown MLA mode"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, "latent"), ValueError, "sequence of MLA modes"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, contexts=[]), ValueError, "non-empty sequence"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, contexts=[512, 1024.0]), TypeError, "contexts must be an int"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, repeats=0), ValueError, "repeats must be a positive"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, layers=0), ValueError, "layers must be a positive"),
+    (lambda b: sizing.decode_sweep_plan(b, V3, seconds=-1.0), ValueError, "seconds must be > 0"),
+    (lambda b: sizing.decode_sweep_plan("Tesla T4", V3), TypeError, "must be a GPUBudget"),
+    (lambda b: sizing.chunk_sweep_plan(b, V3, prefix=-1), ValueError, "prefix must be an integer >= 0"),
+    (lambda b: sizing.chunk_sweep_plan(b, V3, chunks=[0]), ValueError, "chunks must be a positive"),
+    (lambda b: sizing.absorption_plan(None, V3), TypeError, "must be a GPUBudget"),
+])
+def test_bad_sweep_arguments_are_refused(call, error, match):
+    with pytest.raises(error, match=match):
+        call(sizing.gpu_budget(props=T4))
+
+
+def test_chapters_04_and_05_size_their_gpu_branches_with_the_planners():
+    """The chapters' GPU sizes come from these planners (the sizes tested above), not fixed lists."""
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for name, planner in (("04_latent_compression", "sizing.decode_sweep_plan("),
+                          ("05_weight_absorption", "sizing.absorption_plan(")):
+        cells = json.loads((root / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert planner in code and "sizing.gpu_budget(device)" in code, name
+        assert "32768]" not in code, f"{name} still sweeps a fixed list of GPU contexts"
