@@ -49,7 +49,8 @@ class Setting:
         mqar_eval_lens, mqar_eval_lens_pairs: ... and every length at one pair count (lengths
             beyond the training lengths test whether recall carries over to longer contexts).
         text_train, mqar_train: the :class:`TrainConfig` of each task (their seeds are set per run).
-        seeds: the seeds of each variant (model initialisation ``seed``, data ``seed + 1``).
+        seeds: the seeds of each variant of experiment a (model initialisation ``seed``, data ``seed + 1``).
+        sweep_seeds: the seeds of each point of experiment b's sweeps.
         eval_batches, eval_batch_size: batches (of sequences) for each MQAR grid point.
         text_val_windows: held-out windows for the final text loss (``None``: all of them).
     """
@@ -66,6 +67,7 @@ class Setting:
     mqar_train: TrainConfig = TrainConfig(steps=500, batch_size=64, lr=3e-3, warmup_steps=30, weight_decay=0.0,
                                           eval_every=50)
     seeds: tuple[int, ...] = (0, 1, 2)
+    sweep_seeds: tuple[int, ...] = (0, 1)
     eval_batches: int = 8
     eval_batch_size: int = 64
     text_val_windows: int | None = None
@@ -93,7 +95,7 @@ SETTINGS: dict[str, Setting] = {
         mqar_eval_pairs=(2, 4), mqar_eval_len=32, mqar_eval_lens=(16, 32, 48), mqar_eval_lens_pairs=2,
         text_train=TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
         mqar_train=TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
-        seeds=(0, 1), eval_batches=1, eval_batch_size=8, text_val_windows=8),
+        seeds=(0, 1), sweep_seeds=(0,), eval_batches=1, eval_batch_size=8, text_val_windows=8),
 }
 
 

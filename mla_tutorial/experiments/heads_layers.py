@@ -11,8 +11,9 @@ width set so that it has as many parameters as experiment a's MHA model. Three s
 * ``layers_fixed_cache``: 1, 2, 4 layers sharing one cache budget, 2 (4 d_h + d_h / 2) values
   per token: d_c = 136, 64, 28 for d_h = 16.
 
-The point n_h = 6 with 2 layers is experiment a's "MLA d_c=64"; its runs are reused from the
-recorded result of experiment a when the settings agree, and trained here otherwise.
+The point n_h = 6 with 2 layers is experiment a's "MLA d_c=64"; its runs (all of experiment a's
+seeds) are reused from the recorded result of experiment a when the settings agree, and trained
+here otherwise. The other points are trained with the setting's ``sweep_seeds``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def specs(setting: Setting, reuse: set[tuple[str, str]] = frozenset()) -> list[R
                     if seen or (task, "base") in reuse:
                         continue
                     seen = True
-                for seed in setting.seeds:
+                for seed in setting.sweep_seeds:
                     runs.append(RunSpec(_label(cfg), task, cfg, seed, group=group, x=x))
     return runs
 
@@ -118,7 +119,7 @@ def run(setting: Setting, workers: int = 1, device: str | None = None, progress:
         if r["config"] == base.to_dict():
             rows.append({**r, "group": "layers_fixed_params", "x": base.n_layers, "duplicate_of": "heads"})
             rows.append({**r, "group": "layers_fixed_cache", "x": base.n_layers, "duplicate_of": "heads"})
-    result = {"experiment": NAME, **meta, "setting": setting.to_dict(), "seeds": list(setting.seeds),
+    result = {"experiment": NAME, **meta, "setting": setting.to_dict(), "seeds": list(setting.sweep_seeds),
               "reused_from_matched_cache": sorted(reused), "runs": rows}
     result["summary"] = summarize(result)
     return finish(result, start, new_cpu)
