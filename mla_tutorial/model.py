@@ -225,8 +225,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        kwargs = {} if key_mask is None else {"key_mask": key_mask}
-        x = x + self.attn(self.attn_norm(x), cache=cache, **kwargs)
+        h = self.attn_norm(x)
+        if isinstance(self.attn, MultiHeadLatentAttention) and torch.is_autocast_enabled(x.device.type):
+            # Under autocast the MLA layer's RMSNorm'd c_KV stays fp32 while its other projections
+            # come out in bf16/fp16, and attention() refuses keys and queries of different dtypes;
+            # so MLA's attention runs in fp32 (the rest of the block stays under autocast).
+            with torch.autocast(x.device.type, enabled=False):
+                a = self.attn(h.float(), cache=cache, key_mask=key_mask)
+        else:
+            a = self.attn(h, cache=cache, key_mask=key_mask)
+        x = x + a
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -93,8 +93,8 @@ SETTINGS: dict[str, Setting] = {
                                v_head_dim=4, kv_lora_rank=16),
         text_seq_len=32, mqar=MQAR(num_pairs=(2, 4), seq_len=(16, 32), num_keys=8, num_values=8, easy_steps=2),
         mqar_eval_pairs=(2, 4), mqar_eval_len=32, mqar_eval_lens=(16, 32, 48), mqar_eval_lens_pairs=2,
-        text_train=TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
-        mqar_train=TrainConfig(steps=4, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
+        text_train=TrainConfig(steps=2, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
+        mqar_train=TrainConfig(steps=2, batch_size=4, eval_every=2, eval_batches=1, eval_batch_size=4),
         seeds=(0, 1), sweep_seeds=(0,), eval_batches=1, eval_batch_size=8, text_val_windows=8),
 }
 
