@@ -383,7 +383,8 @@ class TransformerLM(nn.Module):
                 stops when every sequence has ended or has ``max_new_tokens`` new tokens.
             mode: MLA's cache mode (default ``config.mla_mode``); not for MHA/GQA/MQA.
             use_cache: ``False`` recomputes the whole sequence at every step (a reference).
-            generator: the random generator for sampling (seed it for reproducible samples).
+            generator: the random generator for sampling, on the model's device (seed it for
+                reproducible samples).
 
         Prompts of different lengths are left-padded to the longest and a key mask hides the
         padding; RoPE depends only on the distance between a query and a key, so shifting a
@@ -417,8 +418,9 @@ class TransformerLM(nn.Module):
                 nxt = self._next_token(logits, sample, temperature, top_k, generator)  # (B,)
                 nxt = torch.where(done, torch.zeros_like(nxt), nxt)
                 tokens[:, pos] = nxt
-                for b in torch.nonzero(~done).flatten().tolist():
-                    out[b].append(int(nxt[b]))
+                for b, (tok, finished) in enumerate(zip(nxt.tolist(), done.tolist())):
+                    if not finished:
+                        out[b].append(tok)
                 if stop_token is not None:
                     done |= nxt == stop_token
                 pos += 1

@@ -158,13 +158,14 @@ def train(model: TransformerLM, task: Task, config: TrainConfig = TrainConfig(),
           device: torch.device | str | None = None, progress: bool = True,
           checkpoint: str | pathlib.Path | None = None, checkpoint_every: int | None = None,
           resume: str | pathlib.Path | None = None, stop_after: int | None = None,
-          desc: str | None = None) -> list[dict[str, float]]:
+          desc: str | None = None, init: bool = True) -> list[dict[str, float]]:
     """Train ``model`` on ``task`` for ``config.steps`` steps; returns the history: one row per
     evaluation (``step``, ``lr``, ``train_loss`` (mean since the last row), ``val_loss``,
     ``val_accuracy``, ``seconds``).
 
     The model is initialised here from ``config.seed`` (so a run is reproducible from its
-    configs alone), unless ``resume`` names a checkpoint to continue from. ``checkpoint``: save
+    configs alone), unless ``resume`` names a checkpoint to continue from or ``init=False`` keeps
+    the weights it has (fine-tuning a loaded or converted model). ``checkpoint``: save
     to this path every ``checkpoint_every`` steps (default: at each evaluation) and at the end.
     ``stop_after``: stop after this many steps (to test resuming); the schedule is still that of
     ``config.steps``.
@@ -198,7 +199,8 @@ def train(model: TransformerLM, task: Task, config: TrainConfig = TrainConfig(),
         step, history = ckpt["step"], list(ckpt["history"])
     else:
         torch.manual_seed(config.seed)
-        model.reset_parameters()
+        if init:
+            model.reset_parameters()
     end = config.steps if stop_after is None else min(config.steps, step + stop_after)
 
     from tqdm.auto import tqdm

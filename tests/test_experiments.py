@@ -13,7 +13,7 @@ from mla_tutorial.experiments import EXPERIMENTS, SETTINGS, common, heads_layers
 from mla_tutorial.experiments.__main__ import main
 from mla_tutorial.model import LMConfig, TransformerLM
 
-META = {"experiment", "schema", "date", "torch", "python", "git_commit", "device", "workers", "setting", "wall_s",
+META = {"experiment", "schema", "date", "torch", "python", "git_commit", "corpus_sha256", "device", "workers", "setting", "wall_s",
         "command", "load_average_start", "load_average_end"}
 
 

@@ -215,6 +215,12 @@ def test_training_learns_mqar_and_resumes_exactly(tmp_path):
     assert [h["step"] for h in history2] == [4, 8, 12]
     with pytest.raises(ValueError, match="another TrainConfig"):
         train(TransformerLM(cfg), task, tc.replace(lr=1e-3), progress=False, resume=path)
+    # init=False fine-tunes the weights a model has instead of starting again
+    before = {k: v.clone() for k, v in straight.state_dict().items()}
+    train(straight, task, tc.replace(steps=2, warmup_steps=1, eval_every=2), progress=False, init=False)
+    moved = [k for k, v in straight.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and all((straight.state_dict()[k] - before[k]).abs().max() < 0.2 for k in moved), \
+        "fine-tuning moves the trained weights a little; it does not re-initialise them"
 
 
 def test_checkpoint_round_trip_and_another_config_is_refused(tmp_path):

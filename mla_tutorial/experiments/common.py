@@ -325,12 +325,19 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _corpus_sha256() -> str | None:
+    import hashlib
+    from ..data import CORPUS_PATH
+    return hashlib.sha256(CORPUS_PATH.read_bytes()).hexdigest() if CORPUS_PATH.is_file() else None
+
+
 def metadata(device: torch.device | str | None = None, workers: int = 1) -> dict[str, Any]:
     """Where and when a run happened: versions, device, threads, niceness, load average (call at
     the start). The load average says how much else the machine was running."""
     dev = pick_device(None if device is None else str(device))
     return {"schema": SCHEMA_VERSION, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "python": platform.python_version(), "git_commit": _git_commit(),
+            "corpus_sha256": _corpus_sha256(),
             "nice": os.nice(0) if hasattr(os, "nice") else None,
             "device": {"type": dev.type, "name": describe_device(dev), "platform": platform.platform(),
                        "cpu_count": os.cpu_count()},
