@@ -17,13 +17,7 @@ META = {"experiment", "schema", "date", "torch", "python", "git_commit", "corpus
         "command", "load_average_start", "load_average_end"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # models this small are bound by per-operation overhead, which extra threads only add to
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ KINDS = {"mha": SMALL, "gqa": SMALL.replace(attention="gqa", n_kv_heads=2), "mqa
          "mla": SMALL.replace(attention="mla"), "mla-qlora": SMALL.replace(attention="mla", q_lora_rank=8)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # models this small are bound by per-operation overhead, which extra threads only add to
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(kind: str, seed: int = 0) -> TransformerLM:

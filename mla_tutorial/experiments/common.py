@@ -250,7 +250,10 @@ def _run_in_worker(args: tuple[RunSpec, Setting, str | None]) -> dict[str, Any]:
 def run_all(specs: Sequence[RunSpec], setting: Setting, workers: int = 1, device: torch.device | str | None = None,
             progress: bool = True, desc: str = "runs",
             describe: Callable[[dict[str, Any]], str] | None = None) -> list[dict[str, Any]]:
-    """Run every spec (``workers`` processes side by side on a CPU) and return their rows in order."""
+    """Run every spec (``workers`` processes side by side on a CPU) and return their rows in order.
+
+    The workers are started with ``spawn``, so each imports the calling program's main module: in
+    a script, call this under ``if __name__ == "__main__":`` (a notebook needs nothing)."""
     from tqdm.auto import tqdm
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

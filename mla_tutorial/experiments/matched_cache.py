@@ -22,7 +22,7 @@ from typing import Any
 from .common import (RunSpec, Setting, base_config, checkpoint_name, checkpoint_path, count_params, finish,
                      match_params, metadata, run_all, stats)
 
-__all__ = ["NAME", "variants", "specs", "run", "summarize", "plot_mqar", "plot_loss_vs_cache", "sizes_table",
+__all__ = ["NAME", "variants", "specs", "run", "summarize", "plot_mqar", "plot_loss_vs_cache", "sizes_table", "style",
            "matched_mla_label", "checkpointed"]
 
 NAME = "matched_cache"
@@ -113,12 +113,27 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- figures ---------------------------------------------------------------------------------------
-_MARKERS = {"MHA": "o", "GQA": "s", "MQA": "^", "MLA": "*"}
+def style(label: str, labels: Sequence[str] = ()) -> dict[str, Any]:
+    """One look per variant in every figure: MHA black circles, GQA blue squares (darker with more
+    groups), MQA purple triangles, MLA stars from light to dark orange as d_c grows (among ``labels``)."""
+    import matplotlib.pyplot as plt
 
-
-def _style(label: str) -> dict[str, Any]:
     kind = label.split()[0].split("-")[0]
-    return {"marker": _MARKERS.get(kind, "o")}
+    if kind == "MHA":
+        return {"color": "black", "marker": "o"}
+    if kind == "GQA":
+        groups = sorted({int(lab.split("-")[1]) for lab in labels if lab.startswith("GQA-")} | {int(label.split("-")[1])})
+        shade = 0.45 + 0.45 * groups.index(int(label.split("-")[1])) / max(1, len(groups) - 1)
+        return {"color": plt.cm.Blues(shade), "marker": "s"}
+    if kind == "MQA":
+        return {"color": "tab:purple", "marker": "^"}
+    widths = sorted({int(lab.split("=")[1]) for lab in labels if lab.startswith("MLA")} | {int(label.split("=")[1])})
+    shade = 0.35 + 0.6 * widths.index(int(label.split("=")[1])) / max(1, len(widths) - 1)
+    return {"color": plt.cm.Oranges(shade), "marker": "*", "ms": 9}
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, **kwargs)
 
 
 def plot_mqar(result: dict[str, Any], ax=None, axis: str = "by_pairs", labels: Sequence[str] | None = None):
@@ -137,8 +152,8 @@ def plot_mqar(result: dict[str, Any], ax=None, axis: str = "by_pairs", labels: S
         lo = [e[axis][k]["mean"] - e[axis][k]["min"] for k in e[axis]]
         hi = [e[axis][k]["max"] - e[axis][k]["mean"] for k in e[axis]]
         shift = 1 + 0.012 * (i - len(per) / 2)  # spread the bars of overlapping points apart
-        ax.errorbar([x * shift for x in xs], mean, yerr=[lo, hi], capsize=2, lw=1.2, ms=6,
-                    label=f"{lab} ({e['cache_values_per_token']})", **_style(lab))
+        ax.errorbar([x * shift for x in xs], mean, yerr=[lo, hi], capsize=2, lw=1.2,
+                    label=f"{lab} ({e['cache_values_per_token']})", **{"ms": 6, **style(lab, list(per))})
     setting = result["setting"]
     if axis == "by_pairs":
         xs = [int(k) for k in next(iter(per.values()))[axis]]
@@ -157,15 +172,16 @@ def plot_mqar(result: dict[str, Any], ax=None, axis: str = "by_pairs", labels: S
     ax.set_ylabel("MQAR accuracy (fraction of queries)")
     ax.set_ylim(0, 1.05)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, title="variant (cache values / token)", title_fontsize=7)
+    _legend_outside(ax, title="variant (cache values\nper token)", title_fontsize=7)
     return ax
 
 
 def plot_loss_vs_cache(result: dict[str, Any], ax=None, task: str = "text", metric: str = "val_loss",
-                       pairs: int | None = None):
-    """Text validation loss (or MQAR accuracy at ``pairs`` pairs) against cache values per token,
+                       pairs: int | None = None, legend: bool = True):
+    """Text held-out loss (or MQAR accuracy at ``pairs`` pairs) against cache values per token,
     mean over seeds with worst-to-best bars; the MLA d_c sweep is joined by a line."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
@@ -174,19 +190,19 @@ def plot_loss_vs_cache(result: dict[str, Any], ax=None, task: str = "text", metr
     for lab, e in per.items():
         st = e[metric] if pairs is None else e["by_pairs"][str(pairs)]
         x = e["cache_values_per_token"]
-        ax.errorbar([x], [st["mean"]], yerr=[[st["mean"] - st["min"]], [st["max"] - st["mean"]]], capsize=3, ms=7,
-                    ls="none", label=lab, **_style(lab))
+        ax.errorbar([x], [st["mean"]], yerr=[[st["mean"] - st["min"]], [st["max"] - st["mean"]]], capsize=3,
+                    ls="none", label=lab, **{"ms": 7, **style(lab, list(per))})
         if lab.startswith("MLA"):
             mla_pts.append((x, st["mean"]))
     if mla_pts:
-        ax.plot(*zip(*sorted(mla_pts)), color="gray", lw=0.8, zorder=0)
+        ax.plot(*zip(*sorted(mla_pts)), color=plt.cm.Oranges(0.6), lw=0.8, zorder=0)
     ax.set_xscale("log", base=2)
-    from matplotlib.ticker import ScalarFormatter
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("cache per token (values, all layers)")
-    ax.set_ylabel("validation loss (nats per byte)" if pairs is None else f"MQAR accuracy, {pairs} pairs")
+    ax.set_ylabel("held-out loss (nats per byte)" if pairs is None else f"MQAR accuracy, {pairs} pairs")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if legend:
+        _legend_outside(ax)
     return ax
 
 
