@@ -231,15 +231,15 @@ def train(model: TransformerLM, task: Task, config: TrainConfig = TrainConfig(),
         step += 1
         running += loss.item()
         n_running += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn when tqdm next redraws
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % config.eval_every == 0 or step == config.steps:
             ev = evaluate(model, task, config.eval_batches, config.eval_batch_size, seed=config.data_seed + 1_000_003,
                           amp_dtype=amp_dtype)
             history.append({"step": step, "lr": lr, "train_loss": running / n_running, "val_loss": ev["loss"],
                             "val_accuracy": ev["accuracy"], "seconds": time.perf_counter() - start})
             running, n_running = 0.0, 0
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{ev['loss']:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{ev['loss']:.3f}", refresh=False)
         if checkpoint is not None and (step % every == 0 or step == end):
             save_checkpoint(checkpoint, model, opt, step=step, history=history, train_config=config,
                             data_generator=data_gen, scaler=scaler)
