@@ -712,6 +712,74 @@ row("CLI --plot unwritable", "main", lambda: bench.main([*CLI[:-1], "--out", os.
 
 
 # --- the census ---------------------------------------------------------------------------------------
+# --- Part IV: the language model, its data and its training ------------------------------------------
+from mla_tutorial import LMConfig, MQAR, TextCorpus, TrainConfig, TransformerLM  # noqa: E402
+
+LM = LMConfig(vocab_size=40, d_model=48, n_heads=6, n_layers=2, max_seq_len=32, attention="mla", kv_lora_rank=8,
+              qk_rope_head_dim=4)
+
+
+def lm(config: LMConfig = LM) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(config).eval()
+
+
+for name, call, error, match in [
+    ("attention unknown", lambda: LMConfig(attention="flash"), ValueError, r"unknown attention kind 'flash'"),
+    ("gqa groups do not divide", lambda: LMConfig(attention="gqa", n_kv_heads=4), ValueError,
+     r"must divide the heads.*choose one of"),
+    ("gqa without n_kv_heads", lambda: LMConfig(attention="gqa"), ValueError, r"needs n_kv_heads"),
+    ("mqa with n_kv_heads", lambda: LMConfig(attention="mqa", n_kv_heads=2), ValueError, r"use attention='gqa'"),
+    ("mla with n_kv_heads", lambda: LMConfig(attention="mla", n_kv_heads=2), ValueError, r"leave n_kv_heads unset"),
+    ("odd rope dim", lambda: LMConfig(attention="mla", qk_rope_head_dim=3), ValueError, r"must be even"),
+    ("unknown MLA mode", lambda: LMConfig(attention="mla", mla_mode="compressed"), ValueError, r"unknown MLA mode"),
+    ("heads do not divide d_model", lambda: LMConfig(d_model=100, n_heads=6), ValueError,
+     r"not divisible by n_heads"),
+]:
+    row(f"LMConfig {name}", "LMConfig", call, error, match)
+
+for name, call, error, match in [
+    ("given a dict", lambda: TransformerLM({"attention": "mha"}), TypeError, r"needs an LMConfig"),
+    ("input past the context", lambda: lm()(torch.zeros(1, 33, dtype=torch.long)), ValueError,
+     r"exceed the model's context"),
+    ("float token ids", lambda: lm()(torch.zeros(1, 4)), TypeError, r"int64 tensor"),
+    ("token id past the vocabulary", lambda: lm()(torch.full((1, 4), 40)), ValueError, r"lie in \[0, 40\)"),
+    ("too few caches", lambda: (lambda m: m(torch.zeros(1, 4, dtype=torch.long), m.new_caches(1, 8)[:1]))(lm()),
+     ValueError, r"one per layer"),
+    ("caches past the context", lambda: lm().new_caches(1, 64), ValueError, r"exceeds the model's context"),
+    ("generate empty prompt", lambda: lm().generate([[]], 3), ValueError, r"prompt 0 is empty"),
+    ("generate flat prompt", lambda: lm().generate([1, 2, 3], 3), TypeError, r"wrap a single prompt"),
+    ("generate zero new tokens", lambda: lm().generate([[1]], 0), ValueError, r"max_new_tokens must be a positive int"),
+    ("generate past the context", lambda: lm().generate([[1] * 30], 5), ValueError, r"ask for at most 2 new tokens"),
+    ("generate zero temperature", lambda: lm().generate([[1]], 3, sample=True, temperature=0.0), ValueError,
+     r"temperature > 0"),
+    ("generate top_k 0", lambda: lm().generate([[1]], 3, top_k=0), ValueError, r"top_k must be a positive int"),
+    ("generate stop token outside the vocabulary", lambda: lm().generate([[1]], 3, stop_token=40), ValueError,
+     r"stop_token"),
+    ("generate a cache mode for GQA", lambda: lm(LMConfig(vocab_size=40, d_model=48, n_heads=6, n_layers=1, max_seq_len=32,
+                                                            attention="gqa", n_kv_heads=2)).generate([[1]], 3, mode="absorbed"),
+     ValueError, r"cache modes apply to MLA only"),
+]:
+    row(f"TransformerLM {name}", "TransformerLM", call, error, match)
+
+for name, call, error, match in [
+    ("seq_len too short", lambda: MQAR(num_pairs=16, seq_len=32), ValueError, r"too short for 16 pairs"),
+    ("too few keys", lambda: MQAR(num_pairs=8, seq_len=64, num_keys=4), ValueError, r"distinct keys"),
+    ("unknown split", lambda: MQAR(num_pairs=2, seq_len=16).batch("test", 2), ValueError, r"unknown split"),
+]:
+    row(f"MQAR {name}", "MQAR", call, error, match)
+row("TextCorpus unknown split", "TextCorpus", lambda: TextCorpus(seq_len=16).batch("test", 2), ValueError,
+    r"unknown split")
+for name, kwargs, match in [
+    ("zero steps", dict(steps=0), r"steps"),
+    ("zero learning rate", dict(lr=0.0), r"lr"),
+    ("min_lr_ratio above 1", dict(min_lr_ratio=2.0), r"min_lr_ratio"),
+    ("zero grad_clip", dict(grad_clip=0.0), r"grad_clip"),
+    ("negative warmup", dict(warmup_steps=-1), r"warmup_steps"),
+]:
+    row(f"TrainConfig {name}", "TrainConfig", lambda kwargs=kwargs: TrainConfig(**kwargs), ValueError, match)
+
+
 @contextlib.contextmanager
 def alarm(seconds: int):
     """Fail a row that hangs instead of blocking the suite (where SIGALRM exists)."""

@@ -87,6 +87,21 @@ def test_pytest_collects_the_book_folder():
 def test_part_iii_in_the_table_of_contents():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     parts = {part["caption"]: [c["file"] for c in part["chapters"]] for part in toc["parts"]}
-    files = parts["Part III — The claims, checked"]
-    assert files[0] == "notebooks/07_deepseek_v3_layer" and files[-1] == "book/claims_ledger", files
+    assert parts["Part III — The claims, checked"] == ["notebooks/07_deepseek_v3_layer",
+                                                      "notebooks/08_six_times_faster"]
     assert list(parts).index("Part III — The claims, checked") > list(parts).index("Getting started")
+
+
+def test_the_ledger_follows_the_numbered_parts_and_chapter_numbers_match_notebooks():
+    """The ledger sums up every part, so it comes after the last numbered part, unnumbered; the
+    numbered chapters are the notebooks 01, 02, ... in order, so "chapter 9" is 09_*.ipynb."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    numbered = [c["file"] for part in toc["parts"] if part.get("numbered") for c in part["chapters"]]
+    assert [f.split("/")[-1][:2] for f in numbered] == [f"{k:02d}" for k in range(1, len(numbered) + 1)], numbered
+    assert all(f.startswith("notebooks/") for f in numbered), numbered
+    captions = [part["caption"] for part in toc["parts"]]
+    ledger = next(i for i, part in enumerate(toc["parts"]) if "book/claims_ledger" in
+                  [c["file"] for c in part["chapters"]])
+    assert not toc["parts"][ledger].get("numbered"), "the ledger is not a numbered chapter"
+    last_numbered = max(i for i, part in enumerate(toc["parts"]) if part.get("numbered"))
+    assert ledger == last_numbered + 1, captions
