@@ -216,11 +216,18 @@ class MultiHeadLatentAttention(nn.Module):
         q_C = self.W_UQ(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h)
         q_R = self.W_QR(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h_R)
         q_R = apply_rope(q_R, cos, sin, c.rope_interleave)
+        return q_C, q_R, self._latent(x, cos, sin)
 
+    def project_latent(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Only the latent rows (B, 1, T, d_c + d_h_R) of :meth:`project`: what a prompt's tokens
+        leave in the cache, without their queries."""
+        return self._latent(x, *self.rope.tables(positions, x.shape[0], x.shape[1]))
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
         c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
-        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, c.rope_interleave)      # (B, 1, T, d_h_R)
-        return q_C, q_R, torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                  # latent: (B, 1, T, d_c + d_h_R)
+        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, self.config.rope_interleave)  # (B, 1, T, d_h_R)
+        return torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                            # (B, 1, T, d_c + d_h_R)
 
     def absorb_query(self, q_C: torch.Tensor) -> torch.Tensor:
         """q_C (B, n_h, T, d_h) -> q_lat = W_UKᵀ q_C (B, n_h, T, d_c): the content query in latent space."""
