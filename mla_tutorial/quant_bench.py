@@ -1,6 +1,6 @@
 """Quantized latent caches, measured: each format's attention-output error, by position, at V3's dims.
 
-    python -m mla_tutorial.quant_bench                                  # contexts to 32,768 tokens
+    python -m mla_tutorial.quant_bench                                  # 65,536 tokens, 16 probes
     python -m mla_tutorial.quant_bench --max-context 8192 --probes 12 --out /tmp/q.json
     mla-quant-bench --device cuda --hidden-size 7168 --max-context 131072
 
@@ -18,8 +18,9 @@ Random weights give latents without the outlier channels trained models have (De
 ``kv_a_layernorm`` weights differ widely across channels), and attention that spreads over many
 keys. So the run repeats everything in a second *regime*, ``outliers``: 8 of the 512 latent
 channels scaled by 16 through the layer's RMSNorm weight, the case where one large value sets a
-whole tile's scale. It also records how spread out the attention is: the effective number of keys,
-``exp(entropy)`` of the attention weights, averaged over heads.
+whole tile's scale. It also records how spread out the attention is (the effective number of keys,
+``exp(entropy)`` of the attention weights averaged over heads, and the largest weight a head puts
+on one key) and the largest latent value each probe can see.
 
 The results (JSON) hold the device, torch version, date, wall time, configuration and every
 error; :func:`load_quant_results` reads those recorded in ``mla_tutorial/results/quant/``.
@@ -50,7 +51,8 @@ from .mla import MultiHeadLatentAttention
 from .paged import PagedLatentCache, _available_bytes, paged_absorbed_attention
 from .quant import LATENT_FORMATS, TILE, latent_format
 
-__all__ = ["FORMATS", "REGIMES", "probe_positions", "measure_quant_error", "summarize_errors", "format_summary", "format_rows",
+__all__ = ["FORMATS", "REGIMES", "probe_positions", "make_layer", "sequence_and_probes", "probe_outputs",
+           "relative_errors", "measure_quant_error", "summarize_errors", "format_summary", "format_rows",
            "quant_results_dir", "load_quant_results", "main"]
 
 #: The formats compared (the fp32 reference is always run as well).
@@ -73,7 +75,8 @@ def probe_positions(max_context: int, num_probes: int) -> list[int]:
     return sorted(min(p, max_context - 1) for p in raw)
 
 
-def _make_layer(config: MLAConfig, regime: str, seed: int, device: torch.device) -> MultiHeadLatentAttention:
+def make_layer(config: MLAConfig, regime: str, seed: int, device: torch.device) -> MultiHeadLatentAttention:
+    """The measured layer: seeded random weights, changed as ``regime`` says (module docstring)."""
     torch.manual_seed(seed)
     layer = MultiHeadLatentAttention(config, mode="absorbed").to(device).eval()
     with torch.no_grad():
@@ -96,7 +99,7 @@ def _hidden_chunks(config: MLAConfig, length: int, seed: int, device: torch.devi
 
 
 @torch.no_grad()
-def _sequence(layer: MultiHeadLatentAttention, length: int, probes: Sequence[int], seed: int):
+def sequence_and_probes(layer: MultiHeadLatentAttention, length: int, probes: Sequence[int], seed: int):
     """The sequence's latents (length, d_c + d_h_R) and the probes' q_lat, q_R (P, 1, n_h, ...)."""
     c, device = layer.config, layer.W_O.weight.device
     latents, q_lat, q_R = [], [], []
@@ -112,19 +115,21 @@ def _sequence(layer: MultiHeadLatentAttention, length: int, probes: Sequence[int
     return torch.cat(latents), torch.cat(q_lat), torch.cat(q_R)
 
 
-def _effective_keys(latents: torch.Tensor, q_lat: torch.Tensor, q_R: torch.Tensor, probes: Sequence[int],
-                    scale: float) -> list[float]:
-    """exp(entropy) of each probe's attention weights, averaged over heads (fp32 reference)."""
-    out = []
+def _attention_spread(latents: torch.Tensor, q_lat: torch.Tensor, q_R: torch.Tensor, probes: Sequence[int],
+                      scale: float) -> tuple[list[float], list[float]]:
+    """Per probe (fp32 reference): exp(entropy) of the attention weights averaged over heads (the
+    effective number of keys), and the largest weight any head puts on one key."""
+    keys, top = [], []
     for i, p in enumerate(probes):
         q = torch.cat([q_lat[i, 0], q_R[i, 0]], -1)                                 # (n_h, d_c + d_h_R)
         logp = torch.log_softmax(q @ latents[: p + 1].T * scale, dim=-1)            # (n_h, p + 1)
-        out.append(float((-(logp.exp() * logp).sum(-1)).exp().mean()))
-    return out
+        keys.append(float((-(logp.exp() * logp).sum(-1)).exp().mean()))
+        top.append(float(logp.max().exp()))
+    return keys, top
 
 
 @torch.no_grad()
-def _outputs(layer: MultiHeadLatentAttention, latents: torch.Tensor, q_lat: torch.Tensor, q_R: torch.Tensor,
+def probe_outputs(layer: MultiHeadLatentAttention, latents: torch.Tensor, q_lat: torch.Tensor, q_R: torch.Tensor,
              probes: Sequence[int], fmt: str, block_size: int, tile: int, seed: int, budget_bytes: float) -> torch.Tensor:
     """The layer's output at every probe (P, d_model) with the cache stored in ``fmt``."""
     c, device = layer.config, latents.device
@@ -146,11 +151,12 @@ def _outputs(layer: MultiHeadLatentAttention, latents: torch.Tensor, q_lat: torc
     return torch.cat(outs)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+def relative_errors(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """``||a - b|| / ||b||`` for each row of (P, d) outputs."""
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).tolist()
 
 
-def measure_quant_error(*, config: MLAConfig | None = None, max_context: int = 32768, num_probes: int = 24,
+def measure_quant_error(*, config: MLAConfig | None = None, max_context: int = 65536, num_probes: int = 16,
                         formats: Sequence[str] = FORMATS, regimes: Sequence[str] = REGIMES, block_size: int = 64,
                         tile: int = TILE, seed: int = 0, device: torch.device | str | None = None,
                         progress: bool = True, budget_bytes: float = 256e6, note: str = "") -> dict[str, Any]:
@@ -192,22 +198,25 @@ def measure_quant_error(*, config: MLAConfig | None = None, max_context: int = 3
     bar = tqdm(total=len(regimes) * (len(formats) + 2), desc="quantized cache", unit="step", disable=not progress)
     for regime in regimes:
         bar.set_postfix_str(f"{regime}: {max_context} tokens of latents")
-        layer = _make_layer(config, regime, seed, device)
-        latents, q_lat, q_R = _sequence(layer, max_context, probes, seed)
+        layer = make_layer(config, regime, seed, device)
+        latents, q_lat, q_R = sequence_and_probes(layer, max_context, probes, seed)
         bar.update()
         outs = {}
         for fmt in ["fp32", *formats]:
             bar.set_postfix_str(f"{regime}: {fmt}")
-            outs[fmt] = _outputs(layer, latents, q_lat, q_R, probes, fmt, block_size, tile, seed, budget_bytes)
+            outs[fmt] = probe_outputs(layer, latents, q_lat, q_R, probes, fmt, block_size, tile, seed, budget_bytes)
             bar.update()
+        c_KV = latents[:, : config.kv_lora_rank]
+        keys, top = _attention_spread(latents, q_lat, q_R, probes, layer.scale)
+        seen_max = c_KV.abs().amax(-1).cummax(0).values                             # largest |c_KV| so far
         result["regimes"][regime] = {
-            "latent_abs_max": float(latents[:, : config.kv_lora_rank].abs().max()),
-            "latent_rms": float(latents[:, : config.kv_lora_rank].pow(2).mean().sqrt()),
-            "effective_keys": _effective_keys(latents, q_lat, q_R, probes, layer.scale),
-            "errors": {f: {"vs_bf16": _rel(outs[f], outs["bf16"]), "vs_fp32": _rel(outs[f], outs["fp32"])}
+            "latent_abs_max": float(c_KV.abs().max()), "latent_rms": float(c_KV.pow(2).mean().sqrt()),
+            "latent_abs_max_seen": [float(seen_max[p]) for p in probes],
+            "effective_keys": keys, "max_attention_weight": top,
+            "errors": {f: {"vs_bf16": relative_errors(outs[f], outs["bf16"]), "vs_fp32": relative_errors(outs[f], outs["fp32"])}
                        for f in formats},
         }
-        del latents, q_lat, q_R, outs
+        del latents, c_KV, q_lat, q_R, outs
     bar.close()
     result["load_average"] = {"start": load_start, "end": _load_average()}
     result["wall_s"] = time.perf_counter() - started
@@ -301,8 +310,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Measure each quantized latent-cache format's attention-output error "
                                             "by position, at DeepSeek-V3's head dimensions.")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available, or $MLA_DEVICE)")
-    p.add_argument("--max-context", type=int, default=32768, help="tokens in the sequence (default 32768)")
-    p.add_argument("--probes", type=int, default=24, help="probe positions, spread geometrically (default 24)")
+    p.add_argument("--max-context", type=int, default=65536, help="tokens in the sequence (default 65536)")
+    p.add_argument("--probes", type=int, default=16, help="probe positions, spread geometrically (default 16)")
     p.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, from {sorted(LATENT_FORMATS)}")
     p.add_argument("--regimes", default=",".join(REGIMES), help=f"comma-separated, from {','.join(REGIMES)}")
     p.add_argument("--hidden-size", type=int, default=2048, help="d_model of the layer (V3: 7168; default 2048)")

@@ -73,6 +73,8 @@ def test_recorded_runs_are_complete():
         assert run["formats"]["fp8"]["row_bytes"] == 656 and run["formats"]["int6"]["row_bytes"] == 442
         assert set(run["regimes"]) and all(len(e["vs_bf16"]) == len(run["probes"])
                                            for d in run["regimes"].values() for e in d["errors"].values())
+        for d in run["regimes"].values():
+            assert len(d["effective_keys"]) == len(d["max_attention_weight"]) == len(d["latent_abs_max_seen"])
 
 
 def test_bytes_fed_to_the_throughput_model():
