@@ -30,12 +30,12 @@ Defined in chapter 12.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Sequence
 
 import torch
 
 from .attention import _allowed, _scores_fp32, attention
+from .device import as_device, available_memory, check_memory
 from .blocks import DEFAULT_BLOCK_SIZE, BlockManager, OutOfBlocks, blocks_that_fit
 from .quant import TILE, LatentFormat, latent_format
 
@@ -46,26 +46,6 @@ __all__ = [
 
 
 # --- the pools -----------------------------------------------------------------------------------
-def _available_bytes(device: torch.device) -> int | None:
-    """Memory ``device`` can still give (None when unknown): free GPU memory, or the CPU's
-    MemAvailable (free plus reclaimable caches), else its physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 class _PagedPools:
     """Per-layer pool tensors sized by a :class:`BlockManager` (shared code of the two caches)."""
 
@@ -77,16 +57,14 @@ class _PagedPools:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"{owner}: num_layers must be a positive int, got {num_layers!r}")
         self.manager, self.num_layers = manager, num_layers
-        device = torch.device(device or "cpu")
+        device = as_device(device or "cpu", owner)
         elem = torch.empty((), dtype=pool_dtype).element_size()
         self.bytes_per_token = num_layers * elem * sum(math.prod(r) for r in rows.values())
-        need = self.bytes_per_token * manager.capacity_tokens
-        have = _available_bytes(device)
-        if have is not None and need > have:
-            fits = blocks_that_fit(have, self.bytes_per_token, manager.block_size)
-            raise ValueError(f"{owner}: {manager.num_blocks} blocks of {manager.block_size} tokens x "
-                             f"{self.bytes_per_token:,} bytes per token need {need / 1e9:.2f} GB, but {device} has "
-                             f"{have / 1e9:.2f} GB free; use at most {fits} blocks (blocks_that_fit)")
+        have = available_memory(device)
+        fits = "fewer" if have is None else f"at most {blocks_that_fit(have, self.bytes_per_token, manager.block_size):,}"
+        check_memory(self.bytes_per_token * manager.capacity_tokens, device,
+                     f"{owner}: {manager.num_blocks:,} blocks of {manager.block_size} tokens x "
+                     f"{self.bytes_per_token:,} bytes per token", f"give the BlockManager {fits} blocks (blocks_that_fit)")
         shape = (manager.num_blocks, manager.block_size)
         self.pools: list[dict[str, torch.Tensor]] = [
             {name: torch.full(shape + row, fill, dtype=pool_dtype, device=device) for name, row in rows.items()}

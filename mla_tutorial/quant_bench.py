@@ -46,9 +46,9 @@ from . import roofline as rf
 from .bench import _config_dict, _load_average, bench_config, results_dir, save_results
 from .blocks import BlockManager
 from .config import MLAConfig
-from .device import describe_device, pick_device
+from .device import check_memory, describe_device, pick_device
 from .mla import MultiHeadLatentAttention
-from .paged import PagedLatentCache, _available_bytes, paged_absorbed_attention
+from .paged import PagedLatentCache, paged_absorbed_attention
 from .quant import LATENT_FORMATS, TILE, latent_format
 
 __all__ = ["FORMATS", "REGIMES", "probe_positions", "make_layer", "sequence_and_probes", "probe_outputs",
@@ -177,11 +177,8 @@ def measure_quant_error(*, config: MLAConfig | None = None, max_context: int = 6
     BlockManager(1, block_size)  # clear errors for a bad block size or tile, before any work
     for f in formats:
         latent_format(f).row_bytes(config.kv_lora_rank, config.qk_rope_head_dim, tile)
-    need = max_context * config.latent_cache_dim * 4 * 3 + budget_bytes  # latents, fp32 pool, bf16 pool, gathers
-    have = _available_bytes(device)
-    if have is not None and need > have:
-        raise ValueError(f"{max_context} tokens need about {need / 1e9:.1f} GB on {device}, which has "
-                         f"{have / 1e9:.1f} GB free; use a smaller --max-context")
+    check_memory(max_context * config.latent_cache_dim * 4 * 3 + budget_bytes, device,  # latents, two pools, gathers
+                 f"the latents of {max_context:,} tokens", "use a smaller max_context (--max-context)")
     result: dict[str, Any] = {
         "schema": SCHEMA_VERSION, "kind": "quantized latent cache error",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -333,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      formats=split(args.formats), regimes=split(args.regimes),
                                      block_size=args.block_size, tile=args.tile, seed=args.seed, device=args.device,
                                      progress=not args.no_progress, note=args.note)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, MemoryError) as err:
         sys.exit(f"error: {err}")
     out = args.out or quant_results_dir() / f"{result['device']['type']}-{_dt.date.today():%Y%m%d}.json"
     result["command"] = "python -m mla_tutorial.quant_bench " + " ".join(argv if argv is not None else sys.argv[1:])

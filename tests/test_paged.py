@@ -253,8 +253,10 @@ def test_bad_input_is_refused_clearly():
         paged_absorbed_attention(q_lat, q_R, pool, bt, sl, -1.0)
     with pytest.raises(ValueError, match="T = 0"):
         paged_absorbed_attention(q_lat[:, :0], q_R[:, :0], pool, bt, sl, 0.1)
-    with pytest.raises(ValueError, match="GB free; use at most"):
+    with pytest.raises(MemoryError, match="free; give the BlockManager at most [0-9,]+ blocks"):
         PagedLatentCache(BlockManager(10**9, 64), 512, 64)
+    with pytest.raises(ValueError, match="device"):
+        PagedLatentCache(m, 32, 8, device="tpu")
     with pytest.raises(ValueError, match="multiple of the scale tile"):
         PagedLatentCache(m, 32, 8, fmt="fp8")
     with pytest.raises(ValueError, match="unknown latent cache format"):

@@ -104,3 +104,21 @@ def test_tensor_parallel_caches_at_tp8():
     with pytest.raises(ValueError, match="applies to MLA"):
         parallel_cache(mha, 8, data_parallel_attention=True)
     assert parallel_cache(v3, 8, dtype=torch.float32).per_gpu_bytes == 2304
+
+
+def test_gpu_sizes_fit_the_budget_and_grow_with_the_device():
+    from types import SimpleNamespace
+
+    from mla_tutorial import sizing
+
+    config = bench_config(hidden_size=7168)
+    plans = {}
+    for name, gb in (("Tesla T4", 16), ("NVIDIA H100 80GB HBM3", 80)):
+        budget = sizing.gpu_budget(props=SimpleNamespace(name=name, total_memory=gb * 1e9))
+        plan = sizing.quant_error_plan(budget, config)
+        assert plan.estimated_s <= budget.plan_seconds and plan.estimated_bytes <= budget.plan_memory_bytes
+        plans[name] = plan.max_context
+    assert plans["Tesla T4"] <= plans["NVIDIA H100 80GB HBM3"]
+    tiny = sizing.gpu_budget(props=SimpleNamespace(name="Tesla T4", total_memory=1e8))
+    with pytest.raises(ValueError, match="even the smallest context"):
+        sizing.quant_error_plan(tiny, config)
