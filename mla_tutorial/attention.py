@@ -276,12 +276,13 @@ class MultiHeadAttention(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, d_model) at integer ``positions`` ((T,) shared by the batch, or (B, T) one per
         sequence and token) -> q (B, n_h, T, d_h), k and v (B, n_kv, T, d_h), RoPE applied."""
+        check_input(self, x, self.hidden_size)
         B, T, _ = x.shape
         q = self.W_Q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, n_h, T, d_h)
         k = self.W_K(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         v = self.W_V(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         if self.rope is not None:
-            cos, sin = self.rope.tables(positions, B, T)
+            cos, sin = self.rope.tables(positions, B, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 

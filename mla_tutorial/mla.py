@@ -249,9 +249,10 @@ class MultiHeadLatentAttention(nn.Module):
         ``positions`` is (T,), shared by the batch, or (B, T): one position per sequence and token,
         as a batch of sequences of different lengths needs."""
         c = self.config
+        check_input(self, x, c.hidden_size)
         B, T, _ = x.shape
         n_h = c.num_attention_heads
-        cos, sin = self.rope.tables(positions, B, T)                                  # (T, ...) or (B, 1, T, d_h_R / 2)
+        cos, sin = self.rope.tables(positions, B, T, x.device)                        # (T, ...) or (B, 1, T, d_h_R / 2)
 
         # Queries: content part q_C and decoupled RoPE part q_R, per head.
         c_Q = self.q_norm(self.W_DQ(x)) if self.W_DQ is not None else x              # (B, T, d_c_q)
@@ -263,7 +264,8 @@ class MultiHeadLatentAttention(nn.Module):
     def project_latent(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Only the latent rows (B, 1, T, d_c + d_h_R) of :meth:`project`: what a prompt's tokens
         leave in the cache, without their queries."""
-        return self._latent(x, *self.rope.tables(positions, x.shape[0], x.shape[1]))
+        check_input(self, x, self.config.hidden_size)
+        return self._latent(x, *self.rope.tables(positions, x.shape[0], x.shape[1], x.device))
 
     def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].

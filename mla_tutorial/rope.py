@@ -152,15 +152,20 @@ class RotaryEmbedding(nn.Module):
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
-    def tables(self, positions: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for a (batch, heads, tokens, dim) tensor: (T,) positions shared by the batch give
-        (T, dim/2) each; (B, T) positions, one per sequence and token, give (B, 1, T, dim/2)."""
+    def tables(self, positions: torch.Tensor, batch: int, tokens: int,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a (batch, heads, tokens, dim) tensor on ``device``: (T,) positions shared by
+        the batch give (T, dim/2) each; (B, T) positions, one per sequence and token, give
+        (B, 1, T, dim/2)."""
         if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise TypeError(f"positions must be an integer tensor, got "
                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
         if tuple(positions.shape) not in ((tokens,), (batch, tokens)):
             raise ValueError(f"positions must be (T,) = ({tokens},) or (B, T) = ({batch}, {tokens}), "
                              f"got {tuple(positions.shape)}")
+        if device is not None and positions.device != device:
+            raise ValueError(f"positions are on {positions.device} but the input is on {device}; "
+                             f"make them with device=x.device")
         if positions.dim() == 1:
             return self(positions)
         cos, sin = self(positions.reshape(-1))                                        # (B * T, dim/2)

@@ -261,6 +261,13 @@ def test_bad_input_is_refused_clearly():
         PagedLatentCache(m, 32, 8, fmt="fp8")
     with pytest.raises(ValueError, match="unknown latent cache format"):
         PagedLatentCache(m, 32, 8, fmt="q6_k")
+    layer, x = MultiHeadLatentAttention(MLAConfig.tiny()), torch.randn(2, 3, 64)
+    with pytest.raises(TypeError, match="integer tensor"):
+        layer.project(x, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\(B, T\) = \(2, 3\)"):
+        layer.project_latent(x, torch.arange(4))
+    with pytest.raises(ValueError, match="input width 32"):
+        MultiHeadAttention(32, 4).project(x, torch.arange(3))
     cache = PagedLatentCache(m, 32, 8)
     with pytest.raises(ValueError, match="must end in"):
         cache.write(0, m.slots(0, 0, 2), torch.zeros(2, 39))
