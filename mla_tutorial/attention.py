@@ -265,7 +265,7 @@ class MultiHeadAttention(nn.Module):
             cache.check_input(x)
             cache.bind(self)
             start = cache.length
-        B, T, _ = x.shape
+        T = x.shape[1]
         q, k, v = self.project(x, torch.arange(start, start + T, device=x.device))
         if cache is not None:
             k, v = cache.update(k=k, v=v).values()                                    # (B, n_kv, S, d_h)

@@ -286,12 +286,12 @@ LATENT_FORMATS: dict[str, LatentFormat] = {f.name: f for f in [
     LatentFormat("fp32", torch.float32, "fp32 values", _float_bytes(4)),
     LatentFormat("bf16", torch.bfloat16, "bf16 values (unquantized)", _float_bytes(2)),
     LatentFormat("fp16", torch.float16, "fp16 values", _float_bytes(2)),
-    LatentFormat("fp8", torch.uint8, "FlashMLA: e4m3 c_KV, fp32 scale per 128, bf16 k_R",
+    LatentFormat("fp8", torch.uint8, "FlashMLA's: e4m3 c_KV, fp32 scales, bf16 k_R",
                  fp8_row_bytes, pack_fp8, unpack_fp8),
-    LatentFormat("fp8_pow2", torch.uint8, "FlashMLA's layout, scales rounded up to powers of two",
+    LatentFormat("fp8_pow2", torch.uint8, "as fp8, power-of-two scales",
                  fp8_row_bytes, pack_fp8_pow2, unpack_fp8),
-    LatentFormat("int8", torch.uint8, "int8 c_KV, fp32 scale per 128, bf16 k_R", int8_row_bytes, pack_int8, unpack_int8),
-    LatentFormat("int6", torch.uint8, "6-bit c_KV and k_R, bf16 scale per 128 (k_R: one)",
+    LatentFormat("int8", torch.uint8, "int8 c_KV, fp32 scales, bf16 k_R", int8_row_bytes, pack_int8, unpack_int8),
+    LatentFormat("int6", torch.uint8, "6-bit c_KV and k_R, bf16 scales",
                  int6_row_bytes, pack_int6, unpack_int6),
 ]}
 

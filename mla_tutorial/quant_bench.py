@@ -289,16 +289,17 @@ def load_quant_results(paths: Sequence[str | pathlib.Path] | None = None) -> lis
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    lines = [f"{result['device']['name']}, torch {result['torch']}, {result['max_context']} tokens, "
+    """The run as text: per regime, each format's relative error (%) against bf16, mean (max) by position."""
+    lines = [f"{result['device']['name']}, torch {result['torch']}, {result['max_context']:,} tokens, "
              f"{len(result['probes'])} probes, {result['wall_s']:.0f} s"]
-    fmts = list(result["regimes"][next(iter(result["regimes"]))]["errors"])
+    fmts = [f for f in result["regimes"][next(iter(result["regimes"]))]["errors"] if f != "bf16"]
     for regime, rows in result["summary"].items():
-        lines.append(f"{regime}: relative error of the layer output vs a bf16 cache, mean (max) by position")
-        lines.append(f"  {'positions':>15} " + " ".join(f"{f:>18}" for f in fmts if f != "bf16"))
+        lines.append(f"{regime}: error of the layer output against a bf16 cache, %, mean (max)")
+        lines.append(f"  {'positions':>16} " + " ".join(f"{f:>12}" for f in fmts))
         for row in rows:
             lo, hi = row["positions"]
-            cells = [f"{row[f'{f}_vs_bf16_mean']:.2e} ({row[f'{f}_vs_bf16_max']:.1e})" for f in fmts if f != "bf16"]
-            lines.append(f"  {f'[{lo}, {hi})':>15} " + " ".join(f"{c:>18}" for c in cells))
+            cells = [f"{100 * row[f'{f}_vs_bf16_mean']:.2f} ({100 * row[f'{f}_vs_bf16_max']:.2f})" for f in fmts]
+            lines.append(f"  {f'[{lo:,}, {hi:,})':>16} " + " ".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 
 
