@@ -264,12 +264,14 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/03_mqa_gqa.ipynb",
     "book/explorer.md",
     "book/find_the_bug.ipynb",
+    "notebooks/12_serving_mla.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
     "notebooks/01_attention.ipynb",
     "notebooks/02_kv_cache.ipynb",
     "notebooks/03_mqa_gqa.ipynb",
+    "notebooks/12_serving_mla.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when

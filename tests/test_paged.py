@@ -273,3 +273,18 @@ def test_bad_input_is_refused_clearly():
         cache.write(0, m.slots(0, 0, 2), torch.zeros(2, 39))
     with pytest.raises(ValueError, match="layer must be"):
         cache.write(1, m.slots(0, 0, 2), torch.zeros(2, 40))
+
+
+def test_rope_takes_one_position_per_sequence_and_token():
+    from mla_tutorial import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    positions = torch.tensor([[0, 1, 2], [63, 64, 65]])
+    cos, sin = rope(positions)
+    assert cos.shape == (2, 3, 4)
+    for b in range(2):
+        torch.testing.assert_close(cos[b], rope(positions[b])[0], atol=0, rtol=0)
+        torch.testing.assert_close(sin[b], rope(positions[b])[1], atol=0, rtol=0)
+    for bad in (positions.float(), positions[None], positions.bool()):
+        with pytest.raises(TypeError, match="integer positions"):
+            rope(bad)
