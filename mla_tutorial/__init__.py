@@ -18,6 +18,9 @@ from .roofline import arithmetic_intensity, attention_bytes_per_cached_token, at
 from .model import LMConfig, TransformerLM
 from .data import MQAR, TextCorpus
 from .train import TrainConfig
+from .blocks import BlockManager, OutOfBlocks
+from .paged import PagedKVCache, PagedLatentCache, paged_absorbed_attention, paged_attention
+from .quant import LATENT_FORMATS, latent_format
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,8 @@ __all__ = [
     "arithmetic_intensity", "attention_bytes_per_cached_token", "attention_flops_per_cached_token",
     "run_benchmark", "load_results", "plot_results",
     "LMConfig", "TransformerLM", "MQAR", "TextCorpus", "TrainConfig",
+    "BlockManager", "OutOfBlocks", "PagedKVCache", "PagedLatentCache", "paged_absorbed_attention", "paged_attention",
+    "LATENT_FORMATS", "latent_format",
 ]
 
 # The benchmark (``python -m mla_tutorial.bench``) is imported on first use, so that running it as

@@ -265,14 +265,28 @@ class MultiHeadAttention(nn.Module):
             cache.check_input(x)
             cache.bind(self)
             start = cache.length
+        T = x.shape[1]
+        q, k, v = self.project(x, torch.arange(start, start + T, device=x.device))
+        if cache is not None:
+            k, v = cache.update(k=k, v=v).values()                                    # (B, n_kv, S, d_h)
+        out = attention(q, k, v, self.scale, key_mask=key_mask)                       # (B, n_h, T, d_h)
+        return self.output(out)
+
+    # --- the pieces of a step, for callers that keep their own cache (the paged cache, chapter 12) ---
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model) at integer ``positions`` ((T,) shared by the batch, or (B, T) one per
+        sequence and token) -> q (B, n_h, T, d_h), k and v (B, n_kv, T, d_h), RoPE applied."""
+        check_input(self, x, self.hidden_size)
         B, T, _ = x.shape
         q = self.W_Q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, n_h, T, d_h)
         k = self.W_K(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         v = self.W_V(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         if self.rope is not None:
-            cos, sin = self.rope(torch.arange(start, start + T, device=x.device))
+            cos, sin = self.rope.tables(positions, B, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k=k, v=v).values()                                    # (B, n_kv, S, d_h)
-        out = attention(q, k, v, self.scale, key_mask=key_mask)                       # (B, n_h, T, d_h)
+        return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head attention outputs (B, n_h, T, d_h) -> the layer's output (B, T, d_model) through W_O."""
+        B, _, T, _ = out.shape
         return self.W_O(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

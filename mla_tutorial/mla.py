@@ -217,20 +217,8 @@ class MultiHeadLatentAttention(nn.Module):
             cache.check_input(x)
             cache.bind(self)
             start = cache.length
-        B, T, _ = x.shape
-        n_h, d_c = c.num_attention_heads, c.kv_lora_rank
-        cos, sin = self.rope(torch.arange(start, start + T, device=x.device))         # (T, d_h_R / 2) each
-
-        # Queries: content part q_C and decoupled RoPE part q_R, per head.
-        c_Q = self.q_norm(self.W_DQ(x)) if self.W_DQ is not None else x              # (B, T, d_c_q)
-        q_C = self.W_UQ(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h)
-        q_R = self.W_QR(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h_R)
-        q_R = apply_rope(q_R, cos, sin, c.rope_interleave)
-
-        # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
-        c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
-        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, c.rope_interleave)      # (B, 1, T, d_h_R)
-        latent = torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                          # (B, 1, T, d_c + d_h_R)
+        T, d_c = x.shape[1], c.kv_lora_rank
+        q_C, q_R, latent = self.project(x, torch.arange(start, start + T, device=x.device))
 
         if mode == "expanded":
             k, v = self.expand(latent)                                                # new tokens only
@@ -245,10 +233,57 @@ class MultiHeadLatentAttention(nn.Module):
                 out = attention(torch.cat([q_C, q_R], dim=-1), k, v, self.scale, key_mask=key_mask)
             else:
                 # Absorption: q_C·(W_UK c) = (W_UKᵀ q_C)·c, so score queries in latent space ...
-                q_lat = torch.einsum("bhtd,hdc->bhtc", q_C, self.W_UK)               # (B, n_h, T, d_c)
+                q_lat = self.absorb_query(q_C)                                        # (B, n_h, T, d_c)
                 # ... as an MQA whose single key is [c_KV, k_R] and single value is c_KV ...
                 o_lat = attention(torch.cat([q_lat, q_R], dim=-1), latent, latent[..., :d_c], self.scale,
                                   key_mask=key_mask)
                 # ... and move the weighted latents to each head's value space afterwards.
-                out = torch.einsum("bhtc,hvc->bhtv", o_lat, self.W_UV)               # (B, n_h, T, d_v)
-        return self.W_O(out.transpose(1, 2).reshape(B, T, n_h * c.v_head_dim))          # out: (B, n_h, T, d_v)
+                return self.absorbed_output(o_lat)
+        return self.output(out)                                                       # out: (B, n_h, T, d_v)
+
+    # --- the pieces of a step, for callers that keep their own cache (the paged cache, chapter 12) ---
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, d_model) at integer ``positions`` -> q_C (B, n_h, T, d_h), q_R (B, n_h, T, d_h_R)
+        and the latent row [c_KV, k_R] (B, 1, T, d_c + d_h_R) that MLA caches (RoPE applied).
+
+        ``positions`` is (T,), shared by the batch, or (B, T): one position per sequence and token,
+        as a batch of sequences of different lengths needs."""
+        c = self.config
+        check_input(self, x, c.hidden_size)
+        B, T, _ = x.shape
+        n_h = c.num_attention_heads
+        cos, sin = self.rope.tables(positions, B, T, x.device)                        # (T, ...) or (B, 1, T, d_h_R / 2)
+
+        # Queries: content part q_C and decoupled RoPE part q_R, per head.
+        c_Q = self.q_norm(self.W_DQ(x)) if self.W_DQ is not None else x              # (B, T, d_c_q)
+        q_C = self.W_UQ(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h)
+        q_R = self.W_QR(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h_R)
+        q_R = apply_rope(q_R, cos, sin, c.rope_interleave)
+        return q_C, q_R, self._latent(x, cos, sin)
+
+    def project_latent(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Only the latent rows (B, 1, T, d_c + d_h_R) of :meth:`project`: what a prompt's tokens
+        leave in the cache, without their queries."""
+        check_input(self, x, self.config.hidden_size)
+        return self._latent(x, *self.rope.tables(positions, x.shape[0], x.shape[1], x.device))
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
+        c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
+        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, self.config.rope_interleave)  # (B, 1, T, d_h_R)
+        return torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                            # (B, 1, T, d_c + d_h_R)
+
+    def absorb_query(self, q_C: torch.Tensor) -> torch.Tensor:
+        """q_C (B, n_h, T, d_h) -> q_lat = W_UKᵀ q_C (B, n_h, T, d_c): the content query in latent space."""
+        return torch.einsum("bhtd,hdc->bhtc", q_C, self.W_UK)
+
+    def absorbed_output(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents o_lat (B, n_h, T, d_c) -> the layer's output (B, T, d_model):
+        W_UV per head, then W_O."""
+        return self.output(torch.einsum("bhtc,hvc->bhtv", o_lat, self.W_UV))
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head values (B, n_h, T, d_v) -> the layer's output (B, T, d_model) through W_O."""
+        B, n_h, T, d_v = out.shape
+        return self.W_O(out.transpose(1, 2).reshape(B, T, n_h * d_v))
+

@@ -143,11 +143,32 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32."""
-        if not isinstance(positions, torch.Tensor) or positions.dim() != 1:
-            got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-            raise TypeError(f"RotaryEmbedding expects a 1-D tensor of positions, e.g. torch.arange(T), got {got}")
+        """Integer positions (T,) -> cos, sin of shape (T, dim/2), fp32; (B, T), one position per
+        sequence and token -> (B, T, dim/2)."""
+        if not isinstance(positions, torch.Tensor) or positions.dim() not in (1, 2) \
+                or positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            got = (f"{positions.dtype} of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                   else type(positions).__name__)
+            raise TypeError(f"RotaryEmbedding expects integer positions: a 1-D tensor of positions, e.g. "
+                            f"torch.arange(T), or (B, T) with one per sequence and token; got {got}")
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+    def tables(self, positions: torch.Tensor, batch: int, tokens: int,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a (batch, heads, tokens, dim) tensor on ``device``: (T,) positions shared by
+        the batch give (T, dim/2) each; (B, T) positions, one per sequence and token, give
+        (B, 1, T, dim/2)."""
+        if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be an integer tensor, got "
+                            f"{getattr(positions, 'dtype', type(positions).__name__)}")
+        if tuple(positions.shape) not in ((tokens,), (batch, tokens)):
+            raise ValueError(f"positions must be (T,) = ({tokens},) or (B, T) = ({batch}, {tokens}), "
+                             f"got {tuple(positions.shape)}")
+        if device is not None and positions.device != device:
+            raise ValueError(f"positions are on {positions.device} but the input is on {device}; "
+                             f"make them with device=x.device")
+        cos, sin = self(positions)                                                    # (T or B, T, dim/2)
+        return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])

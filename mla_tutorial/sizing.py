@@ -14,9 +14,10 @@ and **1 minute on an H100-class one**. This module is the one place those sizes 
   and Python; ASSUMPTION: 2 ms). It is a planning estimate, not a prediction: the GPU run script
   (``scripts/gpu_run.py``) records the real wall time of every notebook so it can be checked.
 * :func:`bench_plan` (chapter 08), :func:`layer_run_plan` (chapter 07), :func:`decode_sweep_plan`
-  (chapter 04) and :func:`absorption_plan` (chapter 05) pick the largest sizes whose estimate fits
-  half the budget (the other half is left for what is not sized: imports, building layers, the
-  chapters' CPU work, plotting) and whose memory fits half the device's.
+  (chapter 04), :func:`absorption_plan` (chapter 05) and :func:`quant_error_plan` (chapter 12) pick
+  the largest sizes whose estimate fits half the budget (the other half is left for what is not
+  sized: imports, building layers, the chapters' CPU work, plotting) and whose memory fits half the
+  device's.
 
 Every function takes the device's properties as an argument, so the sizes a T4 or an H100 would
 get can be computed (and tested) on any machine, with fake properties.
@@ -38,7 +39,7 @@ from .mla import MultiHeadLatentAttention
 
 __all__ = ["DATASHEETS", "GPUBudget", "gpu_budget", "time_budget_s", "largest_fitting", "bench_plan",
            "BenchPlan", "layer_run_plan", "LayerRunPlan", "SweepPlan", "decode_sweep_plan", "chunk_sweep_plan",
-           "absorption_plan"]
+           "absorption_plan", "quant_error_plan", "QuantErrorPlan"]
 
 #: Datasheet figures per GPU, matched in order against the device's name (case-insensitive):
 #: (name fragment, dense fp16/bf16 tensor-core FLOP/s, memory bandwidth in bytes/s, source). These
@@ -284,6 +285,17 @@ class SweepPlan:
     estimated_bytes: float
 
 
+# --- chapter 12: the quantized latent cache's error by position --------------------------------
+@dataclass(frozen=True)
+class QuantErrorPlan:
+    """Sizes for :func:`mla_tutorial.quant_bench.measure_quant_error` on a GPU."""
+
+    max_context: int
+    num_probes: int
+    estimated_s: float
+    estimated_bytes: float
+
+
 def _sweep(sizes: Sequence[int], repeats: int, cost: Callable[[int], float], memory: Callable[[int], float],
            seconds: float, memory_bytes: float, what: str) -> SweepPlan:
     """The longest run of ``sizes`` (shortest first) whose summed ``cost`` fits ``seconds`` and whose
@@ -422,3 +434,31 @@ def absorption_plan(budget: GPUBudget, config: MLAConfig, *, dtype: torch.dtype 
     contexts = decode_sweep_plan(budget, config, ("expanded", "latent", "absorbed"), dtype=dtype,
                                  repeats=repeats, seconds=half, layers=2)
     return chunks, contexts
+
+
+def quant_error_plan(budget: GPUBudget, config: MLAConfig, *, contexts: Sequence[int] = (8192, 16384, 32768, 65536,
+                     131072), num_probes: int = 16, formats: int = 5, regimes: int = 3) -> QuantErrorPlan:
+    """The longest sequence for which chapter 12's error measurement fits the budget. Per regime it
+    projects every token to its latent and then, for each format and the fp32 reference, reads the
+    cache up to every probe: each probe gathers and dequantizes its rows and scores them in fp32.
+    ASSUMPTION: fp32 matmuls run at 1/16 of the datasheet's dense bf16 peak (no tensor cores)."""
+    c = config
+    width, d_c, n_h = c.latent_cache_dim, c.kv_lora_rank, c.num_attention_heads
+    fp32 = budget.replace(peak_flops_per_s=budget.peak_flops_per_s / 16)
+
+    def seconds(L: int) -> float:
+        from .quant_bench import probe_positions
+
+        keys = sum(p + 1 for p in probe_positions(L, num_probes))          # rows read per format
+        project = fp32.seconds_for(2 * L * c.hidden_size * width, 4 * L * c.hidden_size, -(-L // 2048))
+        read = fp32.seconds_for(keys * n_h * 2 * (2 * d_c + width), 6 * 4 * keys * width, num_probes)
+        spread = fp32.seconds_for(keys * n_h * 2 * width, 4 * keys * width, num_probes)
+        return regimes * (project + (formats + 1) * read + spread)
+
+    def memory(L: int) -> float:  # fp32 latents and two pools, the probes' gathered rows, the fp32 layer
+        from .mla import MultiHeadLatentAttention
+
+        return 3 * 4 * L * width + 256e6 + 4 * MultiHeadLatentAttention.parameter_count(c)
+
+    L = largest_fitting(contexts, seconds, budget.plan_seconds, memory, budget.plan_memory_bytes, "context")
+    return QuantErrorPlan(L, num_probes, seconds(L), memory(L))

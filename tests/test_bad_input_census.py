@@ -711,6 +711,67 @@ row("CLI --plot unwritable", "main", lambda: bench.main([*CLI[:-1], "--out", os.
     SystemExit, r"--plot '/proc/no/such.png' cannot be written", origin="argparse")
 
 
+# --- the paged cache and quantized latents (chapter 12) ---------------------------------------------------
+def _paged_call(fn: Callable[..., Any], **changes: Any) -> Callable[[], Any]:
+    """A call of a paged attention function on a small valid batch, with some arguments replaced."""
+    def call():
+        m = mla_tutorial.BlockManager(4, 8)
+        m.allocate(0, 10)
+        args = dict(q_lat=torch.randn(1, 1, 2, 32), q_R=torch.randn(1, 1, 2, 8), kv_pool=torch.zeros(4, 8, 40),
+                    block_table=m.block_tables([0]), seq_lens=m.seq_lens([0]), scale=0.1)
+        if fn is mla_tutorial.paged_attention:
+            args = dict(q=torch.randn(1, 1, 2, 8), k_pool=torch.zeros(4, 8, 1, 8), v_pool=torch.zeros(4, 8, 1, 8),
+                        block_table=args["block_table"], seq_lens=args["seq_lens"], scale=0.1)
+        return fn(**{**args, **changes})
+    return call
+
+
+def _full_pool_append():
+    m = mla_tutorial.BlockManager(3, 8)
+    m.allocate("a", 16)
+    m.allocate("b", 8)
+    m.append("a", 1)
+
+
+def _allocate_twice():
+    m = mla_tutorial.BlockManager(2, 8)
+    m.allocate("a", 1)
+    m.allocate("a", 1)
+
+
+for name, entry, call, error, match in [
+    ("BlockManager no blocks", "BlockManager", lambda: mla_tutorial.BlockManager(0), ValueError,
+     r"num_blocks must be a positive int"),
+    ("BlockManager beyond int32 tables", "BlockManager", lambda: mla_tutorial.BlockManager(2**31), ValueError,
+     r"below 2\*\*31"),
+    ("BlockManager allocate twice", "BlockManager", _allocate_twice, ValueError, r"use append\(\) to grow it"),
+    ("OutOfBlocks request longer than the pool", "OutOfBlocks", lambda: mla_tutorial.BlockManager(2, 8).allocate("r", 17),
+     mla_tutorial.OutOfBlocks, r"can never fit; make the pool larger or the request shorter"),
+    ("OutOfBlocks pool full now", "OutOfBlocks", _full_pool_append, mla_tutorial.OutOfBlocks,
+     r"ask can_allocate\(\)/can_append\(\) first"),
+    ("PagedKVCache larger than memory", "PagedKVCache",
+     lambda: mla_tutorial.PagedKVCache(mla_tutorial.BlockManager(10**9, 64), 8, 128), MemoryError,
+     r"give the BlockManager at most [0-9,]+ blocks"),
+    ("PagedKVCache zero heads", "PagedKVCache", lambda: mla_tutorial.PagedKVCache(mla_tutorial.BlockManager(4, 8), 0, 8),
+     ValueError, r"num_kv_heads must be a positive int"),
+    ("PagedLatentCache unknown quantization", "PagedLatentCache",
+     lambda: mla_tutorial.PagedLatentCache(mla_tutorial.BlockManager(4, 8), 512, 64, fmt="nf4"), ValueError, r"choose one of"),
+    ("PagedLatentCache d_c not a tile multiple", "PagedLatentCache",
+     lambda: mla_tutorial.PagedLatentCache(mla_tutorial.BlockManager(4, 8), 96, 64, fmt="fp8"), ValueError,
+     r"multiple of the scale tile"),
+    ("paged_absorbed_attention uint8 pool, no format", "paged_absorbed_attention",
+     _paged_call(mla_tutorial.paged_absorbed_attention, kv_pool=torch.zeros(4, 8, 40, dtype=torch.uint8)), ValueError,
+     r"name its format, e.g. kv_format='fp8'"),
+    ("paged_absorbed_attention table too short", "paged_absorbed_attention",
+     _paged_call(mla_tutorial.paged_absorbed_attention, seq_lens=torch.tensor([17], dtype=torch.int32)), ValueError,
+     r"block_table has 2 columns"),
+    ("paged_attention float block table", "paged_attention",
+     _paged_call(mla_tutorial.paged_attention, block_table=torch.zeros(1, 2)), TypeError, r"must be an int32 tensor"),
+    ("latent_format unknown", "latent_format", lambda: mla_tutorial.latent_format("q4_k"), ValueError, r"choose one of"),
+]:
+    row(name, entry, call, error, match)
+
+
 # --- the census ---------------------------------------------------------------------------------------
 # --- Part IV: the language model, its data and its training ------------------------------------------
 from mla_tutorial import LMConfig, MQAR, TextCorpus, TrainConfig, TransformerLM  # noqa: E402

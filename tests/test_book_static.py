@@ -269,6 +269,7 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/06_decoupled_rope.ipynb",
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
+    "notebooks/12_serving_mla.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -280,6 +281,7 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/06_decoupled_rope.ipynb",
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
+    "notebooks/12_serving_mla.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
