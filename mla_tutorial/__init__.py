@@ -15,6 +15,9 @@ from .hf import load_hf_attention, mla_config_from_hf
 from .mla import MLA_MODES, MultiHeadLatentAttention, RMSNorm
 from .rope import RotaryEmbedding, apply_rope, rope_inv_freq, yarn_inv_freq
 from .roofline import arithmetic_intensity, attention_bytes_per_cached_token, attention_flops_per_cached_token
+from .model import LMConfig, TransformerLM
+from .data import MQAR, TextCorpus
+from .train import TrainConfig
 from .blocks import BlockManager, OutOfBlocks
 from .paged import PagedKVCache, PagedLatentCache, paged_absorbed_attention, paged_attention
 from .quant import LATENT_FORMATS, latent_format
@@ -29,6 +32,7 @@ __all__ = [
     "load_hf_attention", "mla_config_from_hf",
     "arithmetic_intensity", "attention_bytes_per_cached_token", "attention_flops_per_cached_token",
     "run_benchmark", "load_results", "plot_results",
+    "LMConfig", "TransformerLM", "MQAR", "TextCorpus", "TrainConfig",
     "BlockManager", "OutOfBlocks", "PagedKVCache", "PagedLatentCache", "paged_absorbed_attention", "paged_attention",
     "LATENT_FORMATS", "latent_format",
 ]

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .config import AttentionConfig
+from .checks import check_bool, check_positive_int
+from .config import AttentionConfig, check_rope_theta
+from .device import CHECK_MEMORY_ABOVE, check_memory
 from .rope import RotaryEmbedding, apply_rope
 
-__all__ = ["attention", "MultiHeadAttention", "check_input"]
+__all__ = ["attention", "MultiHeadAttention", "check_input", "check_parameter_memory"]
 
 # Prefill score matrices at least this large (B * heads * T * S entries: 256 MB in fp32) take the
 # CPU's fused attention kernel even when key and value widths differ (see `attention`); smaller
@@ -28,6 +30,9 @@ def check_input(module: nn.Module, x: torch.Tensor, width: int) -> None:
     name = type(module).__name__
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} expects floating-point hidden states (batch, tokens, {width}), got {x.dtype}; "
+                        f"token ids need an embedding first (nn.Embedding), other numbers x.float()")
     if x.dim() != 3:
         raise ValueError(f"{name} expects input of shape (batch, tokens, {width}), got {tuple(x.shape)} "
                          f"({x.dim()}-D); add a batch dimension with x.unsqueeze(0) if needed")
@@ -35,6 +40,8 @@ def check_input(module: nn.Module, x: torch.Tensor, width: int) -> None:
         raise ValueError(f"{name} expects input width {width} (hidden_size), got {x.shape[-1]}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} got an input with zero tokens")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} got a batch of zero sequences (input shape {tuple(x.shape)})")
     weight = next(module.parameters())
     if x.device != weight.device:
         raise ValueError(f"{name}: input is on {x.device} but the weights are on {weight.device}; "
@@ -42,6 +49,14 @@ def check_input(module: nn.Module, x: torch.Tensor, width: int) -> None:
     if x.dtype != weight.dtype:
         raise TypeError(f"{name}: input has dtype {x.dtype} but the weights are {weight.dtype}; "
                         f"cast one of them, e.g. module.to({x.dtype})")
+
+
+def check_parameter_memory(num_params: int, what: str, advice: str) -> None:
+    """Refuse to build a module whose ``num_params`` weights (in the default dtype, on the default
+    device: see ``torch.set_default_device``) the device cannot hold."""
+    probe = torch.empty(0)
+    check_memory(num_params * probe.element_size(), probe.device,
+                 f"{what} with {num_params:,} weights in {probe.dtype}", advice)
 
 
 def _check_attention_args(q, k, v, scale, causal, key_mask) -> None:
@@ -140,6 +155,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
             return out[..., :Dv]
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=Hq != Hkv)
     g = Hq // Hkv
+    if B * Hq * T * S * 8 >= CHECK_MEMORY_ABOVE:  # fp32 scores and their softmax
+        check_memory(B * Hq * T * S * 8, q.device, f"attention scores of {T:,} queries over {S:,} keys "
+                     f"(batch {B}, {Hq} heads, fp32, with the softmax)",
+                     "process the queries in shorter chunks through a cache, or use a smaller batch")
     # The g query heads that share a key/value head become g*T rows of one matmul, so shared
     # keys and values are read once and never copied (this is why MQA/GQA decode is cheap).
     qg = q.reshape(B, Hkv, g * T, Dk)
@@ -184,15 +203,16 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MultiHeadAttention: {name} must be a positive int, got {value!r}")
+            check_positive_int("MultiHeadAttention", name, value)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise ValueError(f"MultiHeadAttention: hidden_size ({hidden_size}) is not divisible by "
                                  f"num_heads ({num_heads}); pass head_dim explicitly")
             head_dim = hidden_size // num_heads
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-            raise ValueError(f"MultiHeadAttention: head_dim must be a positive int, got {head_dim!r}")
+        check_positive_int("MultiHeadAttention", "head_dim", head_dim)
+        if rope_theta is not None:
+            check_rope_theta("MultiHeadAttention", rope_theta)
+        check_bool("MultiHeadAttention", "bias", bias)
         if num_heads % num_kv_heads:
             raise ValueError(f"MultiHeadAttention: num_heads ({num_heads}) must be divisible by num_kv_heads "
                              f"({num_kv_heads}); valid choices divide {num_heads}")
@@ -200,6 +220,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"MultiHeadAttention: RoPE needs an even head_dim, got {head_dim}")
         self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = hidden_size, num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        params = 2 * hidden_size * (num_heads + num_kv_heads) * head_dim  # W_Q, W_O; W_K, W_V
+        check_parameter_memory(params, f"MultiHeadAttention({hidden_size}, {num_heads} heads of {head_dim})",
+                               "use a smaller hidden_size, fewer heads or a smaller head_dim")
         self.W_Q = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.W_K = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.W_V = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -210,6 +233,9 @@ class MultiHeadAttention(nn.Module):
     def from_config(cls, config: AttentionConfig, hidden_size: int | None = None) -> "MultiHeadAttention":
         """Build from an :class:`AttentionConfig`; ``hidden_size`` may be shrunk for CPU runs
         (heads and head_dim, which fix the cache, stay as configured)."""
+        if not isinstance(config, AttentionConfig):
+            raise TypeError(f"MultiHeadAttention.from_config needs an AttentionConfig (e.g. "
+                            f"ATTENTION_PRESETS['Llama-3-8B']), got {type(config).__name__}")
         return cls(hidden_size or config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                    config.head_dim, config.rope_theta)
 
@@ -237,8 +263,9 @@ class MultiHeadAttention(nn.Module):
             if cache.mode != "mha" or cache.shapes != {"k": shape, "v": shape}:
                 raise ValueError(f"this cache ({cache!r}) was not made by this module; use module.new_cache()")
             cache.check_input(x)
+            cache.bind(self)
             start = cache.length
-        B, T, _ = x.shape
+        T = x.shape[1]
         q, k, v = self.project(x, torch.arange(start, start + T, device=x.device))
         if cache is not None:
             k, v = cache.update(k=k, v=v).values()                                    # (B, n_kv, S, d_h)
@@ -249,12 +276,13 @@ class MultiHeadAttention(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, d_model) at integer ``positions`` ((T,) shared by the batch, or (B, T) one per
         sequence and token) -> q (B, n_h, T, d_h), k and v (B, n_kv, T, d_h), RoPE applied."""
+        check_input(self, x, self.hidden_size)
         B, T, _ = x.shape
         q = self.W_Q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, n_h, T, d_h)
         k = self.W_K(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         v = self.W_V(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, d_h)
         if self.rope is not None:
-            cos, sin = self.rope.tables(positions, B, T)
+            cos, sin = self.rope.tables(positions, B, T, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 

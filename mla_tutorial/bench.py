@@ -48,17 +48,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import bench_plan as plan
 from .accounting import bytes_per_element
 from .attention import MultiHeadAttention
+from .bench_plan import BenchmarkRefused
+from .checks import check_int
 from .config import AttentionConfig, MLAConfig
-from .device import describe_device, pick_device, pick_dtype, synchronize
+from .device import as_device, describe_device, pick_device, pick_dtype, synchronize
 from .mla import MultiHeadLatentAttention
 from .roofline import attention_flops_per_cached_token
 
 __all__ = [
     "BENCH_MODES", "DecodeVariant", "bench_config", "make_variants", "time_decode", "time_prefill",
     "measure_bandwidth", "measure_peak_flops", "run_benchmark", "summarize", "save_results",
-    "load_results", "results_dir", "plot_results", "format_results", "main",
+    "load_results", "results_dir", "plot_results", "format_results", "main", "BenchmarkRefused",
 ]
 
 BENCH_MODES = ("mha", "gqa", "mqa", "expanded", "latent", "absorbed", "hf")
@@ -80,6 +83,12 @@ def bench_config(hidden_size: int = 2048, num_attention_heads: int = 128, q_lora
         v_head_dim=v_head_dim, num_hidden_layers=1, name="bench")
 
 
+def _check_dtype(dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    return dtype
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -95,34 +104,66 @@ def _repeat_times(fn: Callable[[], Any], device: torch.device, repeats: int, war
 
 
 # --- this machine's roofline -----------------------------------------------------------------------
+def _budgeted_times(fn: Callable[[], Any], device: torch.device, repeats: int, max_seconds: float) -> list[float]:
+    """One untimed call, then up to ``repeats`` timed ones while they fit in ``max_seconds``."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    times = [_timed(fn, device)]
+    while len(times) < repeats and time.perf_counter() - start + min(times) <= max_seconds:
+        times.append(_timed(fn, device))
+    return times
+
+
 def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int | None = None,
-                      repeats: int = 10) -> float:
+                      repeats: int = 10, max_seconds: float = 3.0) -> float:
     """Bytes per second read by a matrix-vector product over an ``nbytes`` matrix (256 MB on a CPU,
     2 GB on a GPU: far larger than any cache), the access pattern of a decode step. The fastest
-    of ``repeats`` after one untimed call: what the machine can do, not what it did while busy."""
+    of ``repeats`` after one untimed call: what the machine can do, not what it did while busy.
+    Repeats stop after ``max_seconds`` (a slow dtype on a CPU would otherwise take minutes)."""
+    device, dtype = as_device(device, "measure_bandwidth"), _check_dtype(dtype)
     if nbytes is None:
         nbytes = 2 * 2**30 if device.type == "cuda" else 256 * 2**20
+    check_int("measure_bandwidth", "nbytes", nbytes, minimum=1)
+    check_int("measure_bandwidth", "repeats", repeats, minimum=1)
     elem = bytes_per_element(dtype)
     cols = 4096
     rows = max(1, nbytes // (elem * cols))
     with torch.inference_mode():
         A = torch.ones(rows, cols, dtype=dtype, device=device)
         x = torch.ones(cols, dtype=dtype, device=device)
-        times = _repeat_times(lambda: torch.mv(A, x), device, repeats, 1)
+        times = _budgeted_times(lambda: torch.mv(A, x), device, repeats, max_seconds)
         del A
     return rows * cols * elem / min(times)
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10,
+                       max_seconds: float = 3.0) -> float:
     """FLOP per second of an ``n`` x ``n`` matrix product (2048 on a CPU, 8192 on a GPU):
-    ``2 n^3`` FLOPs. The fastest of ``repeats`` after one untimed call."""
+    ``2 n^3`` FLOPs. The fastest of ``repeats`` after one untimed call.
+
+    The matrix grows from 256 to ``n`` by doubling while a product fits the ``max_seconds``
+    budget, and repeats stop when it is spent: a dtype without fast kernels on this machine (fp16
+    or bf16 on many CPUs) is measured in seconds at a smaller size instead of in minutes."""
+    device, dtype = as_device(device, "measure_peak_flops"), _check_dtype(dtype)
     if n is None:
         n = 8192 if device.type == "cuda" else 2048
+    check_int("measure_peak_flops", "n", n, minimum=1)
+    check_int("measure_peak_flops", "repeats", repeats, minimum=1)
+    deadline = time.perf_counter() + max_seconds
+    size, best = min(256, n), 0.0
     with torch.inference_mode():
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        times = _repeat_times(lambda: torch.mm(a, b), device, repeats, 1)
-    return 2 * n**3 / min(times)
+        while True:
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            left = deadline - time.perf_counter()
+            times = _budgeted_times(lambda: torch.mm(a, b), device, repeats if size == n else 2, max(left, 0.0))
+            best = max(best, 2 * size**3 / min(times))
+            nxt = min(2 * size, n)
+            # the next size costs 8x per product; measure it only if two of them fit what is left
+            if size == n or 2 * 2 * nxt**3 / best > deadline - time.perf_counter():
+                return best
+            size = nxt
 
 
 # --- the variants under test --------------------------------------------------------------------
@@ -269,11 +310,12 @@ def make_variants(config: MLAConfig, modes: Iterable[str] = BENCH_MODES, device:
     skipped when transformers is missing). ``mha``/``gqa``/``mqa`` use ``n_h`` query heads of width
     ``d_v`` with ``n_h``, ``gqa_heads`` and 1 key/value heads.
     """
-    device = torch.device(device)
-    modes = list(modes)
-    unknown = [m for m in modes if m not in BENCH_MODES]
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {BENCH_MODES}")
+    device, dtype = as_device(device, "make_variants"), _check_dtype(dtype)
+    _, _, modes = plan.check_run_args(
+        contexts=[1], batch_sizes=[1], modes=list(modes) if not isinstance(modes, str) else modes,
+        bench_modes=BENCH_MODES, config=config, gqa_heads=gqa_heads, repeats=1, rounds=1, warmup=0,
+        prefill_tokens=0, prefill_repeats=1, seed=seed, dtype=dtype, machine=None, max_memory_bytes=None,
+        max_minutes=None)
     torch.manual_seed(seed)
     c = config
     n_h, d = c.num_attention_heads, c.v_head_dim
@@ -281,9 +323,16 @@ def make_variants(config: MLAConfig, modes: Iterable[str] = BENCH_MODES, device:
     mla = hf_module = None
     if "hf" in modes:
         try:
-            hf_module, rotary = _hf_attention(c, device, dtype)
-        except ImportError:
+            import transformers
+        except ImportError:  # recorded as skipped
             modes = [m for m in modes if m != "hf"]
+        else:
+            from .hf import check_transformers_version
+            try:
+                check_transformers_version("the benchmark's hf mode", transformers.__version__)
+            except ImportError as err:
+                raise plan.RefusedValue(f"{err}; or leave hf out of {plan.arg_name('modes')}") from None
+            hf_module, rotary = _hf_attention(c, device, dtype)
     if any(m in ("expanded", "latent", "absorbed", "hf") for m in modes):
         mla = MultiHeadLatentAttention(c).to(device, dtype).eval()
         if hf_module is not None:  # same weights in both implementations
@@ -309,6 +358,11 @@ def time_decode(variant: DecodeVariant, batch: int, context: int, repeats: int =
                 seed: int = 0) -> list[float]:
     """Seconds of each of ``repeats`` decode steps (after ``warmup`` untimed ones) of ``batch``
     sequences over ``context`` cached tokens."""
+    if not isinstance(variant, DecodeVariant):
+        raise TypeError(f"time_decode needs a DecodeVariant (from make_variants), got {type(variant).__name__}")
+    for name, value, minimum in (("batch", batch, 1), ("context", context, 1), ("repeats", repeats, 1),
+                                 ("warmup", warmup, 0), ("seed", seed, 0)):
+        check_int("time_decode", name, value, minimum)
     with torch.inference_mode():
         variant.prepare(batch, context, seed)
         try:
@@ -321,6 +375,12 @@ def time_prefill(layer: MultiHeadLatentAttention, tokens: int, mode: str, repeat
                  seed: int = 0) -> list[float]:
     """Seconds to prefill a ``tokens``-long prompt into an empty cache of ``mode``, batch 1.
     The untimed warm-up runs a shorter prompt (at most 1,024 tokens) through the same kernels."""
+    if not isinstance(layer, MultiHeadLatentAttention):
+        raise TypeError(f"time_prefill needs a MultiHeadLatentAttention, got {type(layer).__name__}")
+    layer._check_mode(mode)
+    for name, value, minimum in (("tokens", tokens, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
+                                 ("seed", seed, 0)):
+        check_int("time_prefill", name, value, minimum)
     w = layer.W_O.weight
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(1, tokens, layer.config.hidden_size, generator=gen).to(w.device, w.dtype)
@@ -368,7 +428,8 @@ def run_benchmark(*, device: torch.device | str | None = None, dtype: torch.dtyp
                   modes: Sequence[str] = BENCH_MODES, config: MLAConfig | None = None, gqa_heads: int = 8,
                   repeats: int = 3, rounds: int = 2, warmup: int = 1, prefill_tokens: int = 4096,
                   prefill_repeats: int = 2, seed: int = 0, progress: bool = True,
-                  machine: dict[str, float] | None = None, max_memory_bytes: float | None = None) -> dict[str, Any]:
+                  machine: dict[str, float] | None = None, max_memory_bytes: float | None = None,
+                  max_minutes: float | None = 60) -> dict[str, Any]:
     """Run the benchmark and return its results as a JSON-ready dict (see the module docstring).
 
     Every case is timed in each of ``rounds`` rounds (``warmup`` untimed and ``repeats`` timed
@@ -379,17 +440,27 @@ def run_benchmark(*, device: torch.device | str | None = None, dtype: torch.dtyp
     "peak_flops_per_s": ...}`` to skip measuring them. ``prefill_tokens=0`` skips prefill.
     Cases whose estimated memory exceeds ``max_memory_bytes`` (default: 80% of free GPU memory,
     half of a CPU's RAM) are recorded as skipped.
+
+    Before any work, every argument is checked, and the weights and the prefill are checked
+    against that memory; after the first measurement of the machine, a run whose roofline lower
+    bound exceeds ``max_minutes`` (``None``: no limit) is refused. These raise
+    :class:`~mla_tutorial.bench_plan.BenchmarkRefused` (also a ``TypeError``, ``ValueError`` or
+    ``MemoryError``) saying what to change.
     """
     from tqdm.auto import tqdm
 
-    for name, value in (("repeats", repeats), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    config = bench_config() if config is None else config
+    contexts, batch_sizes, modes = plan.check_run_args(
+        contexts=contexts, batch_sizes=batch_sizes, modes=modes, bench_modes=BENCH_MODES, config=config,
+        gqa_heads=gqa_heads, repeats=repeats, rounds=rounds, warmup=warmup, prefill_tokens=prefill_tokens,
+        prefill_repeats=prefill_repeats, seed=seed, dtype=dtype, machine=machine,
+        max_memory_bytes=max_memory_bytes, max_minutes=max_minutes)
     load_start = _load_average()
     device = pick_device(None if device is None else str(device))
     dtype = dtype or pick_dtype(device)
-    config = config or bench_config()
     limit = max_memory_bytes if max_memory_bytes is not None else _memory_limit(device)
+    weight_bytes = plan.check_weights_fit(config, modes, gqa_heads, dtype, limit)
+    plan.check_prefill_fits(config, prefill_tokens, dtype, limit - weight_bytes)
     variants = make_variants(config, modes, device, dtype, gqa_heads, seed)
     skipped_modes = [m for m in modes if m not in variants]
     mla = next((v.module for v in variants.values() if isinstance(v.module, MultiHeadLatentAttention)), None)
@@ -397,7 +468,8 @@ def run_benchmark(*, device: torch.device | str | None = None, dtype: torch.dtyp
 
     jobs = [(m, L, B) for L in contexts for B in batch_sizes for m in variants]
     too_big = {job: _estimate_peak_bytes(variants[job[0]], job[2], job[1]) for job in jobs}
-    too_big = {job: b for job, b in too_big.items() if b > limit}
+    too_big = {job: b for job, b in too_big.items() if b > limit - weight_bytes}
+    plan.check_some_case_fits(too_big, jobs)
     times: dict[Any, list[float]] = {job: [] for job in jobs}
     prefill_times: dict[str, list[float]] = {mode: [] for mode in prefill_modes}
     measurements: list[dict[str, float]] = []
@@ -408,6 +480,15 @@ def run_benchmark(*, device: torch.device | str | None = None, dtype: torch.dtyp
             bar.set_postfix_str(f"round {r + 1}: measuring the machine")
             measurements.append({"bandwidth_bytes_per_s": measure_bandwidth(device, dtype),
                                  "peak_flops_per_s": measure_peak_flops(device, dtype)})
+        if r == 0:  # refuse a run that cannot finish in time before its first step
+            seconds = plan.estimate_seconds(variants, jobs, too_big, rounds, repeats, warmup,
+                                            machine or measurements[0], prefill_tokens, prefill_repeats,
+                                            mla if prefill_modes else None)
+            try:
+                plan.check_time(seconds, max_minutes, device, dtype, machine or measurements[0])
+            except BenchmarkRefused:
+                bar.close()
+                raise
         for job in jobs:
             mode, context, batch = job
             bar.set_postfix_str(f"round {r + 1}: {mode} L={context} B={batch}")
@@ -510,20 +591,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     if {"absorbed", "expanded"} <= set(times):
         out["prefill_tokens"] = result["prefill"][0]["tokens"]
         out["prefill_absorbed_over_expanded"] = times["absorbed"] / times["expanded"]
-    targets = {}
-    for key, op, threshold in TARGETS:
-        if key in out:
-            met = out[key] >= threshold if op == ">=" else out[key] <= threshold
-            targets[key] = {"target": f"{op} {threshold}", "measured": out[key], "met": bool(met)}
-    if targets:
-        out["targets"] = targets
     return out
-
-
-#: The book's targets for the default CPU run (fp32, hidden 2048, V3 head dims, batch 1, context
-#: 16,384; prefill of 4,096 tokens): (summary key, comparison, threshold).
-TARGETS = (("absorbed_speedup_vs_hf", ">=", 100.0), ("absorbed_speedup_vs_mha", ">=", 2.0),
-           ("absorbed_fraction_of_bound", ">=", 0.5), ("prefill_absorbed_over_expanded", "<=", 1.0))
 
 
 # --- recorded results ----------------------------------------------------------------------------
@@ -574,11 +642,14 @@ def plot_results(result: dict[str, Any], path: str | pathlib.Path | None = None,
         if pts:
             label, color, marker = _STYLE[mode]
             ax.plot(*zip(*pts), marker=marker, color=color, label=label)
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if high / low > 10:  # a decade or more: label the powers of ten only, minor labels would crowd
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("context (cached tokens)")
     ax.set_ylabel("decode step latency (ms)")
     dev = result["device"]["name"]
@@ -603,10 +674,40 @@ def _ints(text: str) -> list[int]:
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes:
+        raise argparse.ArgumentTypeError(f"no modes given; choose some of {','.join(BENCH_MODES)}, "
+                                         f"comma-separated (e.g. mha,absorbed)")
     bad = [m for m in modes if m not in BENCH_MODES]
-    if bad or not modes:
+    if bad:
         raise argparse.ArgumentTypeError(f"unknown modes {bad}; choose from {','.join(BENCH_MODES)}")
     return modes
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its messages
+    return parse
+
+
+def _minutes(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes (0 is not one), got {text!r}")
+    return None if value == float("inf") else value
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -619,21 +720,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=_ints, default=[1024, 4096, 16384], help="cached tokens, e.g. 1024,16384")
     p.add_argument("--batch-sizes", type=_ints, default=[1], help="sequences per step, e.g. 1,8")
     p.add_argument("--modes", type=_modes, default=list(BENCH_MODES), help=f"subset of {','.join(BENCH_MODES)}")
-    p.add_argument("--hidden-size", type=int, default=2048, help="d_model (7168 in DeepSeek-V3)")
-    p.add_argument("--heads", type=int, default=128, help="n_h, query heads")
-    p.add_argument("--q-lora-rank", type=int, default=1536, help="d_c_q (0: no query compression)")
-    p.add_argument("--kv-lora-rank", type=int, default=512, help="d_c, the cached latent width")
-    p.add_argument("--qk-nope-head-dim", type=int, default=128, help="d_h")
-    p.add_argument("--qk-rope-head-dim", type=int, default=64, help="d_h_R")
-    p.add_argument("--v-head-dim", type=int, default=128, help="d_v (also the head width of mha/gqa/mqa)")
-    p.add_argument("--gqa-heads", type=int, default=8, help="key/value heads of the gqa mode")
-    p.add_argument("--repeats", type=int, default=3, help="timed decode steps per case and round")
-    p.add_argument("--rounds", type=int, default=2,
+    p.add_argument("--hidden-size", type=_POSITIVE, default=2048, help="d_model (7168 in DeepSeek-V3)")
+    p.add_argument("--heads", type=_POSITIVE, default=128, help="n_h, query heads")
+    p.add_argument("--q-lora-rank", type=_NON_NEGATIVE, default=1536, help="d_c_q (0: no query compression)")
+    p.add_argument("--kv-lora-rank", type=_POSITIVE, default=512, help="d_c, the cached latent width")
+    p.add_argument("--qk-nope-head-dim", type=_POSITIVE, default=128, help="d_h")
+    p.add_argument("--qk-rope-head-dim", type=_POSITIVE, default=64, help="d_h_R")
+    p.add_argument("--v-head-dim", type=_POSITIVE, default=128, help="d_v (also the head width of mha/gqa/mqa)")
+    p.add_argument("--gqa-heads", type=_POSITIVE, default=8, help="key/value heads of the gqa mode")
+    p.add_argument("--repeats", type=_POSITIVE, default=3, help="timed decode steps per case and round")
+    p.add_argument("--rounds", type=_POSITIVE, default=2,
                    help="rounds over all cases (the median over all rounds is reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each case's timed ones")
-    p.add_argument("--prefill-tokens", type=int, default=4096, help="prompt length for the prefill timing (0: skip)")
-    p.add_argument("--prefill-repeats", type=int, default=2, help="timed prefills per round")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=_NON_NEGATIVE, default=1, help="untimed steps before each case's timed ones")
+    p.add_argument("--prefill-tokens", type=_NON_NEGATIVE, default=4096,
+                   help="prompt length for the prefill timing (0: skip)")
+    p.add_argument("--prefill-repeats", type=_POSITIVE, default=2, help="timed prefills per round")
+    p.add_argument("--seed", type=_NON_NEGATIVE, default=0)
+    p.add_argument("--max-minutes", type=_minutes, default=60.0,
+                   help="refuse a run whose roofline lower bound is longer (default 60; inf: no limit)")
     p.add_argument("--out", default=None, help="JSON path (default: mla-bench-<device>-<date>.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the plot")
@@ -654,37 +758,57 @@ def format_results(result: dict[str, Any]) -> str:
     for p in result["prefill"]:
         lines.append(f"prefill {p['tokens']} tokens, {p['mode']}-mode layer: {p['median_s'] * 1e3:.1f} ms")
     for k, v in result["summary"].items():
-        if k == "targets":
-            for name, t in v.items():
-                lines.append(f"target {name} {t['target']}: {t['measured']:.3g} ({'met' if t['met'] else 'NOT met'})")
+        if k == "targets":  # recorded by runs made before the summary stopped computing them
             continue
         lines.append(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     return "\n".join(lines)
 
 
+_CONFIG_FLAGS = {"hidden_size": "--hidden-size", "num_attention_heads": "--heads", "q_lora_rank": "--q-lora-rank",
+                 "kv_lora_rank": "--kv-lora-rank", "qk_nope_head_dim": "--qk-nope-head-dim",
+                 "qk_rope_head_dim": "--qk-rope-head-dim", "v_head_dim": "--v-head-dim"}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """The command line (``python -m mla_tutorial.bench --help``)."""
-    args = _parser().parse_args(argv)
-    device = pick_device(args.device)
+    """The command line (``python -m mla_tutorial.bench --help``). Bad flags, and runs that would
+    not fit in memory or time, exit with status 2 and a message naming the flag to change, before
+    anything is timed; the output paths are checked before the run too."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device: {err}")
     dtype = _DTYPES[args.dtype] if args.dtype else pick_dtype(device)
-    config = bench_config(args.hidden_size, args.heads, args.q_lora_rank or None, args.kv_lora_rank,
-                          args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim)
-    result = run_benchmark(device=device, dtype=dtype, contexts=args.contexts, batch_sizes=args.batch_sizes,
-                           modes=args.modes, config=config, gqa_heads=args.gqa_heads, repeats=args.repeats,
-                           rounds=args.rounds, warmup=args.warmup, prefill_tokens=args.prefill_tokens,
-                           prefill_repeats=args.prefill_repeats, seed=args.seed, progress=not args.quiet)
+    try:
+        config = bench_config(args.hidden_size, args.heads, args.q_lora_rank or None, args.kv_lora_rank,
+                              args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        for field, flag in _CONFIG_FLAGS.items():
+            message = message.replace(f"MLAConfig.{field}", flag)
+        parser.error(message)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    with plan.cli_names():
+        try:
+            out = plan.check_writable(args.out or f"mla-bench-{device.type}-{stamp}.json", "out")
+            plot = None if args.no_plot else plan.check_writable(args.plot or out.with_suffix(".png"), "plot")
+            result = run_benchmark(device=device, dtype=dtype, contexts=args.contexts, batch_sizes=args.batch_sizes,
+                                   modes=args.modes, config=config, gqa_heads=args.gqa_heads, repeats=args.repeats,
+                                   rounds=args.rounds, warmup=args.warmup, prefill_tokens=args.prefill_tokens,
+                                   prefill_repeats=args.prefill_repeats, seed=args.seed, progress=not args.quiet,
+                                   max_minutes=args.max_minutes)
+        except BenchmarkRefused as err:
+            parser.error(str(err))
     result["command"] = " ".join(["python -m mla_tutorial.bench", *(argv if argv is not None else sys.argv[1:])])
     if args.note:
         result["note"] = args.note
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
-    out = pathlib.Path(args.out or f"mla-bench-{device.type}-{stamp}.json")
     save_results(result, out)
     print(format_results(result))
     print(f"results: {out}")
-    if not args.no_plot:
+    if plot is not None:
         import matplotlib
         matplotlib.use("Agg")
-        plot = pathlib.Path(args.plot) if args.plot else out.with_suffix(".png")
         plot_results(result, plot)
         print(f"plot: {plot}")
 

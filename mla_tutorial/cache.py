@@ -11,7 +11,14 @@ Defined in chapter 02; sized in chapters 03, 04, 06 and 07.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
+
 import torch
+from torch import nn
+
+from .checks import check_positive_int
+from .device import as_device, check_memory, format_bytes
 
 __all__ = ["KVCache"]
 
@@ -29,21 +36,30 @@ class KVCache:
 
     def __init__(self, batch_size: int, max_len: int, buffers: dict[str, tuple[int, int]],
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", mode: str = "mha"):
-        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
-        if not buffers:
-            raise ValueError("KVCache: give at least one buffer, e.g. {'k': (heads, dim), 'v': (heads, dim)}")
+        check_positive_int("KVCache", "batch_size", batch_size)
+        check_positive_int("KVCache", "max_len", max_len)
+        if not isinstance(buffers, Mapping) or not buffers:
+            raise ValueError("KVCache: give at least one buffer, e.g. {'k': (heads, dim), 'v': (heads, dim)}, "
+                             f"got {buffers!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
-        self.batch_size, self.max_len, self.mode = batch_size, max_len, mode
-        self.length = 0  # tokens cached so far (the position of the next token)
-        self._buffers: dict[str, torch.Tensor] = {}
+        if not isinstance(mode, str):
+            raise TypeError(f"KVCache: mode must be a str label, got {type(mode).__name__}")
+        device = as_device(device, "KVCache")
         for name, shape in buffers.items():
-            if len(shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
+            if not isinstance(shape, (tuple, list)) or len(shape) != 2 or \
+                    any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
                 raise ValueError(f"KVCache: buffer {name!r} needs a (heads, dim) pair of positive ints, "
                                  f"got {shape!r}")
-            heads, dim = shape
+        per_token = sum(h * d for h, d in buffers.values()) * torch.empty((), dtype=dtype).element_size()
+        check_memory(batch_size * max_len * per_token, device,
+                     f"a KV cache of {batch_size} x {max_len:,} tokens ({format_bytes(per_token)} per token)",
+                     "make it with a smaller max_len (the longest context you will decode) or batch_size")
+        self.batch_size, self.max_len, self.mode = batch_size, max_len, mode
+        self.length = 0  # tokens cached so far (the position of the next token)
+        self._owner: weakref.ref | None = None  # the layer that writes it (see `bind`)
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name, (heads, dim) in buffers.items():
             # (B, H, max_len, D): each head's cached rows are contiguous, so a decode step reads
             # them with plain strided matmuls and no copy
             self._buffers[name] = torch.zeros(batch_size, heads, max_len, dim, dtype=dtype, device=device)
@@ -80,6 +96,25 @@ class KVCache:
             raise KeyError(f"KVCache has no buffer {name!r}; it has {list(self._buffers)}")
         return self._buffers[name][:, :, : self.length]
 
+    def bind(self, module: nn.Module) -> None:
+        """Record ``module`` as the layer that writes this cache (called by the layers' forward).
+
+        A cache holds one layer's keys and values, and its length is the position of the next
+        token: a second layer writing to it would read the first one's tokens and put its own at
+        the wrong positions. Raises ``ValueError`` if another layer already wrote to it."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            self._owner = weakref.ref(module)
+        elif owner is not module:
+            raise ValueError(f"this cache holds {self.length} tokens written by another layer "
+                             f"({type(owner).__name__} at {id(owner):#x}); each layer needs its own cache: make "
+                             f"one per layer with layer.new_cache(), or call cache.reset() before reusing it")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_owner"] = None  # a weak reference cannot be pickled; the copy is bound again on first use
+        return state
+
     def check_input(self, x: torch.Tensor, what: str = "input") -> None:
         """Raise if ``x`` (B, T, ...) cannot be used with this cache (batch, device, dtype, room)."""
         if x.device != self.device:
@@ -101,6 +136,12 @@ class KVCache:
         if set(new) != set(self._buffers):
             raise ValueError(f"KVCache.update needs exactly the buffers {sorted(self._buffers)}, "
                              f"got {sorted(new)}")
+        for name, value in new.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"KVCache.update: {name!r} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dim() != 4:
+                raise ValueError(f"KVCache.update: {name!r} must be 4-D (batch, heads, tokens, dim), "
+                                 f"got shape {tuple(value.shape)}")
         t = next(iter(new.values())).shape[2]
         for name, value in new.items():
             buf = self._buffers[name]
@@ -115,8 +156,9 @@ class KVCache:
         return {name: self.get(name) for name in self._buffers}
 
     def reset(self) -> None:
-        """Forget every cached token (the memory stays allocated)."""
+        """Forget every cached token (the memory stays allocated); any layer may then use it."""
         self.length = 0
+        self._owner = None
 
     # --- accounting (from the real tensors) -------------------------------------------------
     @property

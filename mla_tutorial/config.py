@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MLAConfig", "AttentionConfig", "ATTENTION_PRESETS", "yarn_get_mscale"]
+from .checks import check_bool, check_positive_int, check_real
 
-
-def _check_positive_int(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value}")
+__all__ = ["MLAConfig", "AttentionConfig", "ATTENTION_PRESETS", "yarn_get_mscale", "check_rope_theta", "check_yarn"]
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     """YaRN's attention temperature: ``0.1 * mscale * ln(scale) + 1`` (1 when not extending)."""
+    check_real("yarn_get_mscale", "scale", scale, above=0)
+    check_real("yarn_get_mscale", "mscale", mscale)
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
@@ -31,6 +29,59 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 
 _YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
               "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"}
+_YARN_EXAMPLE = "{'rope_type': 'yarn', 'factor': 40, 'original_max_position_embeddings': 4096}"
+
+
+def check_rope_theta(owner: str, theta: Any) -> float:
+    """RoPE's base ``theta`` in ``theta ** (-2i / d)``: a finite number above 1 (10000 in DeepSeek)."""
+    return check_real(owner, "rope_theta", theta, above=1,
+                      hint="the base of RoPE's frequencies theta**(-2i/d); DeepSeek uses 10000")
+
+
+def check_yarn(owner: str, rope_scaling: Any) -> dict[str, Any]:
+    """Check a YaRN ``rope_scaling`` dict (types, ranges, the keys it needs); return a copy.
+
+    ``factor`` >= 1 and finite; ``original_max_position_embeddings`` a positive int;
+    ``beta_fast`` >= ``beta_slow`` > 0 (rotations: the fast end of the ramp has more);
+    ``mscale`` and ``mscale_all_dim`` >= 0 (0 or absent: not used); ``attention_factor`` > 0;
+    ``truncate`` a bool.
+    """
+    label = f"{owner}.rope_scaling"
+    if not isinstance(rope_scaling, Mapping):
+        raise TypeError(f"{label} must be None or a dict such as {_YARN_EXAMPLE}, "
+                        f"got {type(rope_scaling).__name__} ({rope_scaling!r})")
+    yarn = dict(rope_scaling)
+    kinds = {yarn[k] for k in ("rope_type", "type") if k in yarn}
+    if kinds != {"yarn"}:
+        raise ValueError(f"{label} supports only YaRN ({_YARN_EXAMPLE}) or None, got type "
+                         f"{' and '.join(map(repr, sorted(kinds, key=str))) or 'missing'}")
+    unknown = set(yarn) - _YARN_KEYS
+    if unknown:
+        raise ValueError(f"{label} has unknown keys {sorted(unknown)}; valid keys: {sorted(_YARN_KEYS)}")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in yarn:
+            raise ValueError(f"{label} (YaRN) needs {key!r}, e.g. {_YARN_EXAMPLE}")
+    check_real(label, "['factor']", yarn["factor"], at_least=1,
+               hint="how many times the original context is extended")
+    check_positive_int(label, "['original_max_position_embeddings']", yarn["original_max_position_embeddings"])
+    betas = {}
+    for key in ("beta_fast", "beta_slow"):
+        if yarn.get(key) is not None:
+            betas[key] = check_real(label, f"[{key!r}]", yarn[key], above=0,
+                                    hint="a number of rotations within the original context")
+    fast, slow = betas.get("beta_fast", 32), betas.get("beta_slow", 1)
+    if fast < slow:
+        raise ValueError(f"{label}: beta_fast ({fast}) must be >= beta_slow ({slow}): the ramp runs from "
+                         f"pairs that turn beta_fast times in the original context to those that turn "
+                         f"beta_slow times (DeepSeek: 32 and 1); swap them")
+    for key in ("mscale", "mscale_all_dim"):
+        if yarn.get(key) is not None:
+            check_real(label, f"[{key!r}]", yarn[key], at_least=0, hint="0 turns it off")
+    if yarn.get("attention_factor") is not None:
+        check_real(label, "['attention_factor']", yarn["attention_factor"], above=0)
+    if "truncate" in yarn:
+        check_bool(label, "['truncate']", yarn["truncate"])
+    return yarn
 
 
 @dataclass
@@ -66,33 +117,42 @@ class MLAConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        self.validate()
+        object.__setattr__(self, "_validated", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assigning a field re-runs every check; a value that fails them leaves the config as it was.
+        if not self.__dict__.get("_validated") or name not in _MLA_FIELDS:
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except (TypeError, ValueError):
+            object.__setattr__(self, name, old)
+            raise
+
+    def validate(self) -> None:
+        """Check every field (run at construction and on every assignment; call it after editing
+        ``rope_scaling`` in place). Raises ``TypeError`` or ``ValueError`` naming the field."""
         owner = type(self).__name__
         for name in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                      "qk_rope_head_dim", "v_head_dim", "num_hidden_layers", "max_position_embeddings"):
-            _check_positive_int(owner, name, getattr(self, name))
+            check_positive_int(owner, name, getattr(self, name))
         if self.q_lora_rank is not None:
-            _check_positive_int(owner, "q_lora_rank", self.q_lora_rank)
+            check_positive_int(owner, "q_lora_rank", self.q_lora_rank)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"{owner}.qk_rope_head_dim must be even (RoPE rotates pairs of dimensions), "
                              f"got {self.qk_rope_head_dim}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"{owner}.rope_theta must be positive, got {self.rope_theta}")
+        check_rope_theta(owner, self.rope_theta)
         if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind != "yarn":
-                raise ValueError(f"{owner}.rope_scaling supports only YaRN ({{'rope_type': 'yarn', ...}}) "
-                                 f"or None, got type {kind!r}")
-            unknown = set(self.rope_scaling) - _YARN_KEYS
-            if unknown:
-                raise ValueError(f"{owner}.rope_scaling has unknown keys {sorted(unknown)}; "
-                                 f"valid keys: {sorted(_YARN_KEYS)}")
-            for key in ("factor", "original_max_position_embeddings"):
-                if key not in self.rope_scaling:
-                    raise ValueError(f"{owner}.rope_scaling (YaRN) needs {key!r}")
-            if not self.rope_scaling["factor"] >= 1:
-                raise ValueError(f"{owner}.rope_scaling['factor'] must be >= 1, "
-                                 f"got {self.rope_scaling['factor']}")
+            object.__setattr__(self, "rope_scaling", check_yarn(owner, self.rope_scaling))
+        check_bool(owner, "rope_interleave", self.rope_interleave)
+        check_real(owner, "rms_norm_eps", self.rms_norm_eps, above=0,
+                   hint="added to the mean square before the square root; DeepSeek uses 1e-6")
+        if not isinstance(self.name, str):
+            raise TypeError(f"{owner}.name must be a str, got {type(self.name).__name__}")
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -177,6 +237,9 @@ class MLAConfig:
                    name="tiny")
 
 
+_MLA_FIELDS = frozenset(f.name for f in dataclasses.fields(MLAConfig))
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """A standard (MHA / GQA / MQA) attention model, for cache comparisons.
@@ -194,9 +257,13 @@ class AttentionConfig:
 
     def __post_init__(self) -> None:
         owner = f"AttentionConfig({self.name!r})"
+        if not isinstance(self.name, str):
+            raise TypeError(f"AttentionConfig.name must be a str, got {type(self.name).__name__} ({self.name!r})")
         for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "num_hidden_layers"):
-            _check_positive_int(owner, name, getattr(self, name))
+            check_positive_int(owner, name, getattr(self, name))
+        if self.rope_theta is not None:
+            check_rope_theta(owner, self.rope_theta)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{owner}: num_attention_heads ({self.num_attention_heads}) must be divisible "
                              f"by num_key_value_heads ({self.num_key_value_heads})")

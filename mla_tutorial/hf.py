@@ -23,22 +23,56 @@ HF weight                package parameters
 =======================  ===============================================================
 
 ``transformers`` is not needed to use this module: configs are read by attribute or key, and
-weights as plain tensors. Defined for chapter 06; tested against ``transformers`` in
+weights as plain tensors. Objects made by ``transformers`` need version :data:`TRANSFORMERS_MIN` or
+newer, the oldest the package agrees with: before 5.15, ``DeepseekV2Attention`` leaves YaRN's mscale
+out of its softmax scale and ``DynamicCache`` holds per-head keys and values, not MLA's latent.
+Defined for chapter 06; tested against ``transformers`` in
 ``tests/test_hf.py``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checks import check_bool, check_positive_int
 from .config import MLAConfig
 from .mla import MultiHeadLatentAttention
 
-__all__ = ["mla_config_from_hf", "load_hf_attention"]
+__all__ = ["mla_config_from_hf", "load_hf_attention", "check_transformers_version", "TRANSFORMERS_MIN"]
+
+#: The oldest transformers whose DeepSeek-V2/V3 attention the package agrees with, in prefill and in
+#: cached decode (tests/test_hf.py, and the benchmark's ``hf`` mode); pyproject.toml declares it too.
+TRANSFORMERS_MIN = "5.15.0"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    return tuple(int(p or 0) for p in match.groups()) if match else (0,)
+
+
+def check_transformers_version(what: str, version: str | None = None) -> None:
+    """Raise ``ImportError`` naming the version needed unless transformers (installed, or
+    ``version``) is at least :data:`TRANSFORMERS_MIN`. ``what`` says what needs it."""
+    if version is None:
+        import transformers  # raises ImportError when it is missing
+
+        version = transformers.__version__
+    if _release(version) < _release(TRANSFORMERS_MIN):
+        raise ImportError(f"{what} needs transformers >= {TRANSFORMERS_MIN}, found {version}: older versions' "
+                          f"DeepseekV2Attention leaves YaRN's mscale out of the softmax scale and their DynamicCache "
+                          f"holds per-head keys and values, not MLA's latent. Upgrade with "
+                          f"pip install 'transformers>={TRANSFORMERS_MIN}' (or: pip install 'mla_tutorial[hf]')")
+
+
+def _check_transformers_object(obj: Any, what: str, plain: str) -> None:
+    """Objects made by transformers (configs, modules) need TRANSFORMERS_MIN; dicts need nothing."""
+    if type(obj).__module__.split(".")[0] == "transformers":
+        check_transformers_version(f"{what} with a {type(obj).__name__} (pass its {plain} to skip this check)")
 
 # YaRN fields MLAConfig understands (see config._YARN_KEYS); other keys HF adds (rope_theta, ...) are dropped.
 _YARN_FIELDS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
@@ -50,6 +84,7 @@ _ATTENTION_NORM_EPS = 1e-6
 
 
 def _as_dict(hf_config: Any) -> dict[str, Any]:
+    _check_transformers_object(hf_config, "mla_config_from_hf", "to_dict()")
     if isinstance(hf_config, Mapping):
         return dict(hf_config)
     if hasattr(hf_config, "to_dict"):
@@ -64,17 +99,25 @@ def _as_dict(hf_config: Any) -> dict[str, Any]:
                     f"got {type(hf_config).__name__}")
 
 
-def _rope_scaling(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope_scaling(d: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
     """(rope_theta, YaRN dict or None) from either the newer ``rope_parameters`` field
     (transformers >= 5) or the older ``rope_theta`` + ``rope_scaling`` fields."""
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    if params is not None and not isinstance(params, Mapping):
-        raise TypeError(f"rope_parameters must be a dict, got {type(params).__name__}")
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"mla_config_from_hf: {key} must be a dict (or null), got {type(value).__name__} "
+                            f"({value!r})")
     if params and all(isinstance(v, Mapping) for v in params.values()):
         raise ValueError("per-layer-type rope_parameters are not supported: DeepSeek MLA uses one RoPE "
                          f"for every layer, got keys {sorted(params)}")
-    theta = (params or {}).get("rope_theta", d.get("rope_theta")) or 10000.0
+    # A theta that is given is passed on as it is (MLAConfig checks it); only a missing one takes
+    # the default of DeepSeek's configs and transformers, 10000.
+    theta = (params or {}).get("rope_theta")
+    if theta is None:
+        theta = d.get("rope_theta")
+    if theta is None:
+        theta = 10000.0
 
     source = None
     for candidate in (params, scaling):
@@ -82,7 +125,7 @@ def _rope_scaling(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
             source = candidate
             break
     if source is None:
-        return float(theta), None
+        return theta, None
     kind = source.get("rope_type", source.get("type"))
     if kind != "yarn":
         raise ValueError(f"RoPE scaling type {kind!r} is not supported; DeepSeek's models use 'yarn' "
@@ -94,8 +137,13 @@ def _rope_scaling(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if "original_max_position_embeddings" not in yarn:
         raise ValueError("YaRN rope scaling needs 'original_max_position_embeddings'")
     if "factor" not in yarn:  # as transformers does: the ratio of the extended to the original context
-        yarn["factor"] = d["max_position_embeddings"] / yarn["original_max_position_embeddings"]
-    return float(theta), yarn
+        original, extended = yarn["original_max_position_embeddings"], d.get("max_position_embeddings")
+        if not (isinstance(original, int) and original > 0 and isinstance(extended, int) and extended > 0):
+            raise ValueError(f"YaRN rope scaling without 'factor' needs positive integer "
+                             f"max_position_embeddings ({extended!r}) and original_max_position_embeddings "
+                             f"({original!r}) to compute it")
+        yarn["factor"] = extended / original
+    return theta, yarn
 
 
 def mla_config_from_hf(hf_config: Any, name: str | None = None) -> MLAConfig:
@@ -127,21 +175,28 @@ def mla_config_from_hf(hf_config: Any, name: str | None = None) -> MLAConfig:
     if d.get("model_type") == "deepseek_v2":
         interleave = True  # DeepseekV2Attention rotates (x[2i], x[2i+1]) pairs, as complex numbers
     else:
-        interleave = bool(d.get("rope_interleave", True))  # HF's default, and DeepSeek-V3's checkpoints
+        interleave = d.get("rope_interleave", True)  # HF's default, and DeepSeek-V3's checkpoints
     if name is None:
         name = d.get("_name_or_path") or d.get("name_or_path") or d.get("model_type") or "from_hf"
-    return MLAConfig(
-        hidden_size=d["hidden_size"], num_attention_heads=d["num_attention_heads"],
-        q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
-        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-        v_head_dim=d["v_head_dim"], num_hidden_layers=d.get("num_hidden_layers") or 1,
-        rope_theta=theta, max_position_embeddings=d.get("max_position_embeddings") or 4096,
-        rope_scaling=yarn, rope_interleave=interleave, rms_norm_eps=_ATTENTION_NORM_EPS, name=str(name),
-    )
+    # A field that is present is passed on as it is, so MLAConfig refuses a 0 or a string; only a
+    # missing (or null) field takes a default: one layer, transformers' 4096 positions.
+    defaults = {"num_hidden_layers": 1, "max_position_embeddings": 4096}
+    fields = {k: (d[k] if d.get(k) is not None else defaults[k]) for k in defaults}
+    try:
+        return MLAConfig(
+            hidden_size=d["hidden_size"], num_attention_heads=d["num_attention_heads"],
+            q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
+            qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
+            v_head_dim=d["v_head_dim"], rope_theta=theta, rope_scaling=yarn, rope_interleave=interleave,
+            rms_norm_eps=_ATTENTION_NORM_EPS, name=str(name), **fields,
+        )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"mla_config_from_hf: the config's field {str(err).removeprefix('MLAConfig.')}") from None
 
 
 def _state_dict(source: Any, prefix: str) -> dict[str, torch.Tensor]:
     if isinstance(source, nn.Module):
+        _check_transformers_object(source, "load_hf_attention", "state_dict()")
         config = getattr(source, "config", None)
         if getattr(config, "attention_bias", False):
             raise NotImplementedError("attention_bias=True is not supported: MultiHeadLatentAttention's "
@@ -151,16 +206,51 @@ def _state_dict(source: Any, prefix: str) -> dict[str, torch.Tensor]:
         sd = dict(source)
     else:
         raise TypeError(f"load_hf_attention needs an nn.Module or a state dict, got {type(source).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"load_hf_attention: prefix must be a str, got {type(prefix).__name__}")
     if not prefix:
         return sd
     picked = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not picked:
         raise KeyError(f"no weight name starts with prefix {prefix!r}; names look like {sorted(sd)[:4]}")
+    if not prefix.endswith(".") and all(k.startswith(".") for k in picked):
+        raise KeyError(f"load_hf_attention: prefix {prefix!r} lacks its trailing dot; pass prefix={prefix + '.'!r}")
     return picked
 
 
+def _dequantize_fp8(sd: dict[str, torch.Tensor], prefix: str, block: int) -> dict[str, torch.Tensor]:
+    """Float8 weights times their block scales (DeepSeek-V3's checkpoint format: ``W.weight``
+    float8_e4m3fn with ``W.weight_scale_inv`` (ceil(rows/block), ceil(cols/block)) fp32, one scale
+    per block x block tile), in fp32. A float8 weight without its scales is refused: cast alone,
+    it is off by the scale of every tile."""
+    out = dict(sd)
+    for key, w in sd.items():
+        if not (isinstance(w, torch.Tensor) and w.is_floating_point() and w.element_size() == 1):
+            continue
+        scale_key = key + "_scale_inv"
+        if scale_key not in sd:
+            raise ValueError(f"load_hf_attention: {prefix + key!r} is {w.dtype} but {prefix + scale_key!r} is not "
+                             f"given: float8 weights cast without their block scales are wrong; pass the "
+                             f"checkpoint's weight_scale_inv tensors with the weights (they are multiplied in), "
+                             f"or dequantize the checkpoint first")
+        scale = sd[scale_key]
+        rows, cols = w.shape[0], w.shape[-1]
+        tiles = (-(-rows // block), -(-cols // block))
+        if w.dim() != 2 or tuple(scale.shape) != tiles:
+            raise ValueError(f"load_hf_attention: {prefix + scale_key!r} has shape {tuple(scale.shape)}, but a "
+                             f"{tuple(w.shape)} weight in {block} x {block} tiles needs {tiles} scales; pass "
+                             f"fp8_block_size= the checkpoint's quantization_config weight_block_size")
+        full = scale.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+        out[key] = w.float() * full
+        del out[scale_key]
+    leftover = sorted(k for k in out if k.endswith("_scale_inv"))
+    if leftover:
+        raise ValueError(f"load_hf_attention: scales {leftover} belong to weights that are not float8")
+    return out
+
+
 def load_hf_attention(mla: MultiHeadLatentAttention, source: Any, prefix: str = "",
-                      strict: bool = True) -> MultiHeadLatentAttention:
+                      strict: bool = True, fp8_block_size: int = 128) -> MultiHeadLatentAttention:
     """Copy a Hugging Face DeepSeek attention's weights into ``mla`` (in place; returns ``mla``).
 
     Args:
@@ -171,12 +261,17 @@ def load_hf_attention(mla: MultiHeadLatentAttention, source: Any, prefix: str = 
             ``kv_a_layernorm.weight``, ``kv_b_proj.weight``, ``o_proj.weight``.
         prefix: prepended to those names, e.g. ``"model.layers.0.self_attn."`` for a checkpoint.
         strict: raise on names under ``prefix`` that are not among those above.
+        fp8_block_size: the tile of float8 checkpoints' block scales (DeepSeek-V3: 128).
 
-    Weights are converted to ``mla``'s dtype and device. Raises ``KeyError`` for a missing weight,
-    ``ValueError`` for a weight of the wrong shape, ``NotImplementedError`` for biases.
+    Weights are converted to ``mla``'s dtype and device. Float8 weights (DeepSeek-V3's checkpoints)
+    are multiplied by their ``weight_scale_inv`` block scales first, which must be given with them.
+    Raises ``KeyError`` for a missing weight, ``ValueError`` for a weight of the wrong shape or
+    float8 weights without scales, ``NotImplementedError`` for biases and other quantizations.
     """
     if not isinstance(mla, MultiHeadLatentAttention):
         raise TypeError(f"load_hf_attention fills a MultiHeadLatentAttention, got {type(mla).__name__}")
+    check_positive_int("load_hf_attention", "fp8_block_size", fp8_block_size)
+    check_bool("load_hf_attention", "strict", strict)
     sd = _state_dict(source, prefix)
     c = mla.config
     n_h, d_model, d_c = c.num_attention_heads, c.hidden_size, c.kv_lora_rank
@@ -186,10 +281,17 @@ def load_hf_attention(mla: MultiHeadLatentAttention, source: Any, prefix: str = 
     if biases:
         raise NotImplementedError(f"attention_bias=True is not supported: found biases {biases}; "
                                   "MultiHeadLatentAttention's projections have no biases")
+    sd = _dequantize_fp8(sd, prefix, fp8_block_size)
     scales = sorted(k for k in sd if "scale" in k)
     if scales:
-        raise NotImplementedError(f"quantized weights are not supported (found {scales[:3]}); "
-                                  "dequantize the checkpoint to bf16/fp32 first")
+        raise NotImplementedError(f"quantized weights other than DeepSeek's float8 with block scales are not "
+                                  f"supported (found {scales[:3]}); dequantize the checkpoint to bf16/fp32 first")
+    for key, value in sd.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"load_hf_attention: {prefix + key!r} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise NotImplementedError(f"load_hf_attention: {prefix + key!r} is {value.dtype}: integer-quantized "
+                                      f"weights are not supported; dequantize the checkpoint to bf16/fp32 first")
 
     expected: dict[str, tuple[int, ...]] = {}
     if c.q_lora_rank is not None:
@@ -213,7 +315,7 @@ def load_hf_attention(mla: MultiHeadLatentAttention, source: Any, prefix: str = 
             else:
                 near = [k for k in sd if k.endswith(key)]
                 if near:
-                    hint = f" (found {near[0]!r}: pass prefix={near[0][: -len(key)]!r})"
+                    hint = f" (found {prefix + near[0]!r}: pass prefix={prefix + near[0][: -len(key)]!r})"
             raise KeyError(f"load_hf_attention: weight {prefix + key!r} is missing{hint}")
         if tuple(sd[key].shape) != shape:
             raise ValueError(f"load_hf_attention: {prefix + key!r} has shape {tuple(sd[key].shape)}, but this "

@@ -27,9 +27,11 @@ import math
 import torch
 from torch import nn
 
-from .attention import attention, check_input
+from .attention import attention, check_input, check_parameter_memory
 from .cache import KVCache
+from .checks import check_bool, check_positive_int, check_real
 from .config import MLAConfig
+from .device import CHECK_MEMORY_ABOVE, check_memory
 from .rope import RotaryEmbedding, apply_rope
 
 __all__ = ["MultiHeadLatentAttention", "RMSNorm", "MLA_MODES"]
@@ -42,10 +44,17 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
+        check_positive_int("RMSNorm", "dim", dim)
+        check_real("RMSNorm", "eps", eps, above=0, hint="added to the mean square before the square root")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 or \
+                x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"RMSNorm({self.weight.shape[0]}) expects a floating-point tensor (..., "
+                             f"{self.weight.shape[0]}), got "
+                             f"{(x.dtype, tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__}")
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -66,10 +75,13 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         if not isinstance(config, MLAConfig):
             raise TypeError(f"MultiHeadLatentAttention needs an MLAConfig, got {type(config).__name__}")
+        config.validate()  # again: its rope_scaling dict may have been edited in place
         self.config = c = config
         self.mode = self._check_mode(mode)
         self.absorb_prefill = absorb_prefill
         n_h, d_c, d_R = c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        check_parameter_memory(self.parameter_count(c), f"MultiHeadLatentAttention({c.name})",
+                               "use a smaller config (hidden_size, num_attention_heads, kv_lora_rank, ...)")
         if c.q_lora_rank is not None:
             self.W_DQ = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)        # q_a_proj
             self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)                    # q_a_layernorm
@@ -92,8 +104,29 @@ class MultiHeadLatentAttention(nn.Module):
         nn.init.uniform_(self.W_UV, -bound, bound)
 
     @staticmethod
+    def parameter_count(config: MLAConfig) -> int:
+        """Weights of the layer (projections and norms), from the config alone."""
+        c = config
+        n_h, d_q = c.num_attention_heads, c.q_lora_rank or c.hidden_size
+        return (c.hidden_size * (c.q_lora_rank or 0) + (c.q_lora_rank or 0)     # W_DQ, q_norm
+                + d_q * n_h * c.qk_head_dim                                      # W_UQ, W_QR
+                + c.hidden_size * c.latent_cache_dim + c.kv_lora_rank             # W_DKV, W_KR, kv_norm
+                + n_h * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank      # W_UK, W_UV
+                + n_h * c.v_head_dim * c.hidden_size)                             # W_O
+
+    @property
+    def absorb_prefill(self) -> bool | None:
+        """None: absorbed mode picks the cheaper path for several new tokens; True/False: always
+        absorbed / always expanded (see :meth:`uses_absorbed_path`)."""
+        return self._absorb_prefill
+
+    @absorb_prefill.setter
+    def absorb_prefill(self, value: bool | None) -> None:
+        self._absorb_prefill = check_bool("MultiHeadLatentAttention", "absorb_prefill", value, allow_none=True)
+
+    @staticmethod
     def _check_mode(mode: str) -> str:
-        if mode not in MLA_MODES:
+        if not isinstance(mode, str) or mode not in MLA_MODES:
             raise ValueError(f"unknown MLA mode {mode!r}; choose one of {MLA_MODES}")
         return mode
 
@@ -154,8 +187,16 @@ class MultiHeadLatentAttention(nn.Module):
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head K and V from cached latents (B, 1, S, d_c + d_h_R):
         K = [W_UK c_KV, k_R] (B, n_h, S, d_h + d_h_R) and V = W_UV c_KV (B, n_h, S, d_v)."""
-        d_c = self.config.kv_lora_rank
+        c = self.config
+        d_c = c.kv_lora_rank
         c_KV, k_R = latent[:, 0, :, :d_c], latent[:, :, :, d_c:]                      # (B, S, d_c), (B, 1, S, d_h_R)
+        B, S = latent.shape[0], latent.shape[2]
+        nbytes = B * c.num_attention_heads * S * (2 * c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) \
+            * latent.element_size()
+        if nbytes >= CHECK_MEMORY_ABOVE:
+            check_memory(nbytes, latent.device, f"per-head keys and values re-expanded from {S:,} cached tokens "
+                         f"(batch {B}, {c.num_attention_heads} heads)",
+                         "use mode='absorbed', which never expands the cache, or a shorter context")
         k_C = torch.einsum("bsc,hdc->bhsd", c_KV, self.W_UK)                          # (B, n_h, S, d_h)
         v = torch.einsum("bsc,hvc->bhsv", c_KV, self.W_UV)                            # (B, n_h, S, d_v)
         k = torch.cat([k_C, k_R.expand(-1, k_C.shape[1], -1, -1)], dim=-1)           # (B, n_h, S, d_h + d_h_R)
@@ -174,6 +215,7 @@ class MultiHeadLatentAttention(nn.Module):
         start = 0
         if cache is not None:
             cache.check_input(x)
+            cache.bind(self)
             start = cache.length
         T, d_c = x.shape[1], c.kv_lora_rank
         q_C, q_R, latent = self.project(x, torch.arange(start, start + T, device=x.device))
@@ -207,20 +249,29 @@ class MultiHeadLatentAttention(nn.Module):
         ``positions`` is (T,), shared by the batch, or (B, T): one position per sequence and token,
         as a batch of sequences of different lengths needs."""
         c = self.config
+        check_input(self, x, c.hidden_size)
         B, T, _ = x.shape
         n_h = c.num_attention_heads
-        cos, sin = self.rope.tables(positions, B, T)                                  # (T, ...) or (B, 1, T, d_h_R / 2)
+        cos, sin = self.rope.tables(positions, B, T, x.device)                        # (T, ...) or (B, 1, T, d_h_R / 2)
 
         # Queries: content part q_C and decoupled RoPE part q_R, per head.
         c_Q = self.q_norm(self.W_DQ(x)) if self.W_DQ is not None else x              # (B, T, d_c_q)
         q_C = self.W_UQ(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h)
         q_R = self.W_QR(c_Q).view(B, T, n_h, -1).transpose(1, 2)                      # (B, n_h, T, d_h_R)
         q_R = apply_rope(q_R, cos, sin, c.rope_interleave)
+        return q_C, q_R, self._latent(x, cos, sin)
 
+    def project_latent(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Only the latent rows (B, 1, T, d_c + d_h_R) of :meth:`project`: what a prompt's tokens
+        leave in the cache, without their queries."""
+        check_input(self, x, self.config.hidden_size)
+        return self._latent(x, *self.rope.tables(positions, x.shape[0], x.shape[1], x.device))
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
         c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
-        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, c.rope_interleave)      # (B, 1, T, d_h_R)
-        return q_C, q_R, torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                  # latent: (B, 1, T, d_c + d_h_R)
+        k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, self.config.rope_interleave)  # (B, 1, T, d_h_R)
+        return torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                            # (B, 1, T, d_c + d_h_R)
 
     def absorb_query(self, q_C: torch.Tensor) -> torch.Tensor:
         """q_C (B, n_h, T, d_h) -> q_lat = W_UKᵀ q_C (B, n_h, T, d_c): the content query in latent space."""

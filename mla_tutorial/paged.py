@@ -30,12 +30,12 @@ Defined in chapter 12.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Sequence
 
 import torch
 
 from .attention import _allowed, _scores_fp32, attention
+from .device import as_device, available_memory, check_memory
 from .blocks import DEFAULT_BLOCK_SIZE, BlockManager, OutOfBlocks, blocks_that_fit
 from .quant import TILE, LatentFormat, latent_format
 
@@ -46,18 +46,6 @@ __all__ = [
 
 
 # --- the pools -----------------------------------------------------------------------------------
-def _available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` (None when unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
-    return None
-
-
 class _PagedPools:
     """Per-layer pool tensors sized by a :class:`BlockManager` (shared code of the two caches)."""
 
@@ -69,16 +57,14 @@ class _PagedPools:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
             raise ValueError(f"{owner}: num_layers must be a positive int, got {num_layers!r}")
         self.manager, self.num_layers = manager, num_layers
-        device = torch.device(device or "cpu")
+        device = as_device(device or "cpu", owner)
         elem = torch.empty((), dtype=pool_dtype).element_size()
         self.bytes_per_token = num_layers * elem * sum(math.prod(r) for r in rows.values())
-        need = self.bytes_per_token * manager.capacity_tokens
-        have = _available_bytes(device)
-        if have is not None and need > have:
-            fits = blocks_that_fit(have, self.bytes_per_token, manager.block_size)
-            raise ValueError(f"{owner}: {manager.num_blocks} blocks of {manager.block_size} tokens x "
-                             f"{self.bytes_per_token:,} bytes per token need {need / 1e9:.2f} GB, but {device} has "
-                             f"{have / 1e9:.2f} GB free; use at most {fits} blocks (blocks_that_fit)")
+        have = available_memory(device)
+        fits = "fewer" if have is None else f"at most {blocks_that_fit(have, self.bytes_per_token, manager.block_size):,}"
+        check_memory(self.bytes_per_token * manager.capacity_tokens, device,
+                     f"{owner}: {manager.num_blocks:,} blocks of {manager.block_size} tokens x "
+                     f"{self.bytes_per_token:,} bytes per token", f"give the BlockManager {fits} blocks (blocks_that_fit)")
         shape = (manager.num_blocks, manager.block_size)
         self.pools: list[dict[str, torch.Tensor]] = [
             {name: torch.full(shape + row, fill, dtype=pool_dtype, device=device) for name, row in rows.items()}
@@ -298,6 +284,14 @@ def _check_queries(who: str, scale: float, **qs: torch.Tensor) -> None:
         raise ValueError(f"{who}: scale must be a positive finite number, got {scale!r}")
 
 
+def _gather_for(who: str, q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor,
+                seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_rows` padded to at least the T query tokens (a sequence may hold fewer)."""
+    if q.device != pool.device:
+        raise ValueError(f"{who}: the queries are on {q.device}, the pool on {pool.device}")
+    return gather_rows(pool, block_table, seq_lens, max(int(seq_lens.max()) if seq_lens.numel() else 0, q.shape[1]))
+
+
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, return_lse: bool = False):
     """Attention of T new query tokens per sequence over paged K and V (MHA / GQA / MQA).
@@ -314,12 +308,8 @@ def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     if k_pool.shape[:3] != v_pool.shape[:3] or q.shape[-1] != k_pool.shape[-1]:
         raise ValueError(f"paged_attention: k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} must share "
                          f"(blocks, block_size, n_kv), and q's width {q.shape[-1]} must be k's")
-    if q.device != k_pool.device:
-        raise ValueError(f"paged_attention: q is on {q.device}, the pools on {k_pool.device}")
-    T = q.shape[1]
-    S = max(int(seq_lens.max()) if seq_lens.numel() else 0, T)
-    k, mask = gather_rows(k_pool, block_table, seq_lens, S)                            # (B, S, n_kv, d_h)
-    v, _ = gather_rows(v_pool, block_table, seq_lens, S)
+    k, mask = _gather_for("paged_attention", q, k_pool, block_table, seq_lens)          # (B, S, n_kv, d_h)
+    v, _ = gather_rows(v_pool, block_table, seq_lens, k.shape[1])
     out, lse = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scale, return_lse)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -358,11 +348,7 @@ def paged_absorbed_attention(q_lat: torch.Tensor, q_R: torch.Tensor, kv_pool: to
     if kv_pool.dtype != fmt.pool_dtype or kv_pool.shape[-1] != width:
         raise ValueError(f"paged_absorbed_attention: a {fmt.name} pool for d_c = {d_c}, d_h_R = {d_R} has rows of "
                          f"{width} {fmt.pool_dtype}, got {kv_pool.shape[-1]} {kv_pool.dtype}")
-    if q_lat.device != kv_pool.device:
-        raise ValueError(f"paged_absorbed_attention: the queries are on {q_lat.device}, the pool on {kv_pool.device}")
-    T = q_lat.shape[1]
-    S = max(int(seq_lens.max()) if seq_lens.numel() else 0, T)
-    rows, mask = gather_rows(kv_pool, block_table, seq_lens, S)                         # (B, S, width)
+    rows, mask = _gather_for("paged_absorbed_attention", q_lat, kv_pool, block_table, seq_lens)  # (B, S, width)
     latent = fmt.unpack(rows, d_c, tile, torch.float32)[:, None]                       # (B, 1, S, d_c + d_h_R)
     q = torch.cat([q_lat, q_R], dim=-1).transpose(1, 2)                                # (B, n_h, T, d_c + d_h_R)
     # MQA with one key/value head: the key is the whole row, the value its first d_c values (c_KV)

@@ -10,6 +10,7 @@ format     one row (d_c = 512, d_h_R = 64, scale tiles of 128 values)           
 ``bf16``   576 bf16 values (the unquantized cache; also ``fp16``, ``fp32``)               1,152
 ``fp8``    FlashMLA's layout: 512 float8 e4m3 values of c_KV, 4 fp32 scales (one per 128   656
            values), 64 bf16 values of k_R (RoPE keys are left unquantized)
+``fp8_pow2`` the same bytes, each scale rounded up to a power of two (FlashMLA's tests do)  656
 ``int8``   the same layout with int8 codes (round(c / scale), scale = amax / 127)           656
 ``int6``   every value (c_KV and k_R) a 6-bit code in [-31, 31], four codes in three        442
            bytes; one bf16 scale per 128 values of c_KV and one for k_R: 6.14 bits a value
@@ -37,7 +38,7 @@ import torch
 
 __all__ = [
     "FP8_E4M3_MAX", "TILE", "LatentFormat", "LATENT_FORMATS", "latent_format",
-    "pack_fp8", "unpack_fp8", "pack_int8", "unpack_int8", "pack_int6", "unpack_int6",
+    "pack_fp8", "pack_fp8_pow2", "unpack_fp8", "pack_int8", "unpack_int8", "pack_int6", "unpack_int6",
     "fp8_row_bytes", "int8_row_bytes", "int6_row_bytes",
 ]
 
@@ -97,11 +98,15 @@ def _per_value(scales: torch.Tensor, tile: int) -> torch.Tensor:
 
 # --- FP8 (FlashMLA's layout) and int8 (the same layout with integer codes) -------------------------
 def _pack_tiled(latent: torch.Tensor, d_c: int, tile: int, qmax: float,
-                encode: Callable[[torch.Tensor], torch.Tensor], who: str) -> torch.Tensor:
+                encode: Callable[[torch.Tensor], torch.Tensor], who: str, pow2: bool = False) -> torch.Tensor:
     """[codes of c_KV (d_c bytes) | fp32 scales (4 d_c / tile bytes) | k_R in bf16 (2 d_h_R bytes)]."""
     _check_latent(latent, d_c, tile, who)
     c_KV, k_R = latent[..., :d_c].float(), latent[..., d_c:]
-    scales = _tile_scales(c_KV, tile, qmax, torch.float32)                           # (..., d_c / tile)
+    if pow2:  # FlashMLA's reference quantizer: amax / 448 (at least 1e-4) rounded up to a power of two
+        amax = c_KV.unflatten(-1, (-1, tile)).abs().amax(-1)
+        scales = torch.exp2((amax / qmax).clamp(min=1e-4).log2().ceil())
+    else:
+        scales = _tile_scales(c_KV, tile, qmax, torch.float32)                       # (..., d_c / tile)
     codes = encode((c_KV / _per_value(scales, tile)).clamp(-qmax, qmax))             # (..., d_c), 1 byte each
     return torch.cat([codes.view(torch.uint8), _as(scales, torch.uint8),
                       _as(k_R.to(torch.bfloat16), torch.uint8)], dim=-1)
@@ -137,6 +142,15 @@ def pack_fp8(latent: torch.Tensor, d_c: int, tile: int = TILE) -> torch.Tensor:
     Bytes [0, d_c): c_KV / scale as float8 e4m3fn; then d_c / tile fp32 scales (scale j covers
     c_KV[tile·j : tile·(j+1)], amax / 448, 1 for an all-zero tile); then k_R as bf16."""
     return _pack_tiled(latent, d_c, tile, FP8_E4M3_MAX, lambda x: x.to(torch.float8_e4m3fn), "pack_fp8")
+
+
+def pack_fp8_pow2(latent: torch.Tensor, d_c: int, tile: int = TILE) -> torch.Tensor:
+    """As :func:`pack_fp8` (same bytes, read by :func:`unpack_fp8`) with each scale rounded *up* to
+    a power of two, ``2^ceil(log2(max(amax / 448, 1e-4)))``, as the quantizer in FlashMLA's tests
+    does (UE8M0 scales: an exponent only, so dequantizing is exact in hardware); an all-zero tile
+    gets 2^-13. Rounding up leaves each tile's largest value up to 2x below 448, one bit of range."""
+    return _pack_tiled(latent, d_c, tile, FP8_E4M3_MAX, lambda x: x.to(torch.float8_e4m3fn), "pack_fp8_pow2",
+                       pow2=True)
 
 
 def unpack_fp8(packed: torch.Tensor, d_c: int, tile: int = TILE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -272,10 +286,12 @@ LATENT_FORMATS: dict[str, LatentFormat] = {f.name: f for f in [
     LatentFormat("fp32", torch.float32, "fp32 values", _float_bytes(4)),
     LatentFormat("bf16", torch.bfloat16, "bf16 values (unquantized)", _float_bytes(2)),
     LatentFormat("fp16", torch.float16, "fp16 values", _float_bytes(2)),
-    LatentFormat("fp8", torch.uint8, "FlashMLA: e4m3 c_KV, fp32 scale per 128, bf16 k_R",
+    LatentFormat("fp8", torch.uint8, "FlashMLA's: e4m3 c_KV, fp32 scales, bf16 k_R",
                  fp8_row_bytes, pack_fp8, unpack_fp8),
-    LatentFormat("int8", torch.uint8, "int8 c_KV, fp32 scale per 128, bf16 k_R", int8_row_bytes, pack_int8, unpack_int8),
-    LatentFormat("int6", torch.uint8, "6-bit c_KV and k_R, bf16 scale per 128 (k_R: one)",
+    LatentFormat("fp8_pow2", torch.uint8, "as fp8, power-of-two scales",
+                 fp8_row_bytes, pack_fp8_pow2, unpack_fp8),
+    LatentFormat("int8", torch.uint8, "int8 c_KV, fp32 scales, bf16 k_R", int8_row_bytes, pack_int8, unpack_int8),
+    LatentFormat("int6", torch.uint8, "6-bit c_KV and k_R, bf16 scales",
                  int6_row_bytes, pack_int6, unpack_int6),
 ]}
 

@@ -13,9 +13,11 @@ The roofline model (Williams et al., 2009) says the step takes at least
 
 and the node generates ``B / t_step`` tokens per second. The batch is limited by memory: what is
 left after the weights, divided by one sequence's cache. A model with a smaller cache fits a
-larger batch, so each read of the weights is shared by more tokens; that capacity effect, not a
-faster attention kernel, is what DeepSeek-V2's "5.76x maximum generation throughput" over
-DeepSeek 67B measures (DeepSeek-V2 paper, section 3.2.3).
+larger batch, so each read of the weights is shared by more tokens. That capacity effect is what
+a smaller cache buys, and the mechanism behind DeepSeek-V2's "5.76x maximum generation throughput"
+over DeepSeek 67B (DeepSeek-V2 paper, section 3.2.3). Once the batch is that large, a step can
+become compute-bound (DeepSeek-V2's does, in this model), and then the FLOP rate the kernels
+achieve sets the throughput as much as the cache does.
 
 Everything the model assumes is a named parameter of a dataclass with its source in a docstring:
 :class:`Accelerator` (memory, bandwidth, peak), :class:`Node` (how many, how much memory is
@@ -46,8 +48,8 @@ from .config import ATTENTION_PRESETS, AttentionConfig, MLAConfig
 __all__ = [
     "Accelerator", "Node", "DecodeModel", "StepEstimate", "H800", "H100_SXM", "H200",
     "attention_flops_per_cached_token", "attention_bytes_per_cached_token", "arithmetic_intensity",
-    "max_batch", "decode_step", "max_throughput", "cache_reduction", "deepseek_67b", "deepseek_v2", "deepseek_v3",
-    "paper_node", "PAPER_CONTEXT", "PAPER_SPEEDUP", "PAPER_CACHE_REDUCTION",
+    "max_batch", "decode_step", "max_throughput", "throughput_ratio", "cache_reduction", "deepseek_67b",
+    "deepseek_v2", "deepseek_v3", "paper_node", "PAPER_CONTEXT", "PAPER_SPEEDUP", "PAPER_CACHE_REDUCTION",
 ]
 
 Config = AttentionConfig | MLAConfig
@@ -57,8 +59,11 @@ PAPER_SPEEDUP = 5.76
 #: DeepSeek-V2 paper, section 3.2.3: KV cache reduced by 93.3% against DeepSeek 67B.
 PAPER_CACHE_REDUCTION = 0.933
 #: Tokens cached per sequence in the model's default comparison. ASSUMPTION: the paper does not
-#: state the lengths behind its throughput figure; 4,096 is DeepSeek-V2's pre-training context
-#: (before YaRN extension). Chapter 08 sweeps this parameter, since the ratio depends on it.
+#: state the lengths behind its throughput figure. It measured with "the prompt and generation
+#: length distribution from the actually deployed DeepSeek 67B service" (section 3.2.3), and
+#: DeepSeek 67B's context window is 4K tokens (the paper's Table 3), so 4,096 is the longest
+#: sequence that distribution can hold (and DeepSeek-V2's pre-training length). Chapter 08 sweeps
+#: this parameter, since the ratio depends on it.
 PAPER_CONTEXT = 4096
 
 
@@ -254,9 +259,18 @@ class DecodeModel:
     def weight_bytes_read(self, batch: int) -> float:
         return min(self.total_params, batch * self.active_params) * self.weight_bytes_per_param
 
+    @property
+    def weight_flops_per_token(self) -> float:
+        """2 FLOPs per active parameter: the matmuls of the weights (42 GFLOP for DeepSeek-V2)."""
+        return 2 * self.active_params
+
+    def attention_flops_per_token(self, context: int) -> float:
+        """Attention FLOPs of one new token over ``context`` cached tokens, all layers."""
+        return context * self.num_layers * self.attention_flops_per_cached_token_per_layer
+
     def flops_per_token(self, context: int) -> float:
         """2 FLOPs per active parameter plus attention over ``context`` cached tokens."""
-        return 2 * self.active_params + context * self.num_layers * self.attention_flops_per_cached_token_per_layer
+        return self.weight_flops_per_token + self.attention_flops_per_token(context)
 
 
 def deepseek_67b(weight_bytes_per_param: float = 1.0, cache_bytes_per_element: float = 2.0) -> DecodeModel:
@@ -274,37 +288,54 @@ def deepseek_67b(weight_bytes_per_param: float = 1.0, cache_bytes_per_element: f
 
 
 def deepseek_v2(attention: str = "mla", weight_bytes_per_param: float = 1.0,
-                cache_bytes_per_element: float = 0.75) -> DecodeModel:
+                cache_bytes_per_element: float = 0.75, kv_heads: int = 8) -> DecodeModel:
     """DeepSeek-V2: 236B parameters of which 21B are activated per token, 60 layers.
 
     Source: DeepSeek-V2 paper (arXiv 2405.04434), abstract and section 3.2.3 (FP8 weights, KV cache
     quantized to 6 bits on average: ``cache_bytes_per_element=0.75``).
-    ``attention="mla"`` (absorbed decode), or ``"mha"``: the same model if its 128 heads of 128
-    cached K and V per token (a what-if, to isolate MLA's part).
+    ``attention="mla"`` (absorbed decode), or a what-if with everything else kept (experts, layers,
+    weight and cache precision), to isolate MLA's part:
+
+    * ``"gqa"``: GQA with ``kv_heads`` (default 8) key/value heads of width 128 for its 128 query
+      heads, the attention of DeepSeek 67B (2,048 cached values per token and layer);
+    * ``"mha"``: all 128 heads cache their own K and V (32,768 values per token and layer).
     """
-    return _mla_or_mha(MLAConfig.deepseek_v2(), attention, 236e9, 21e9, weight_bytes_per_param,
-                       cache_bytes_per_element, "DeepSeek-V2 (arXiv 2405.04434): 236B total, 21B activated, 60 layers")
+    return _with_attention(MLAConfig.deepseek_v2(), attention, kv_heads, 236e9, 21e9, weight_bytes_per_param,
+                           cache_bytes_per_element,
+                           "DeepSeek-V2 (arXiv 2405.04434): 236B total, 21B activated, 60 layers")
 
 
 def deepseek_v3(attention: str = "mla", weight_bytes_per_param: float = 1.0,
-                cache_bytes_per_element: float = 2.0) -> DecodeModel:
+                cache_bytes_per_element: float = 2.0, kv_heads: int = 8) -> DecodeModel:
     """DeepSeek-V3: 671B parameters of which 37B are activated per token, 61 layers.
 
     Source: DeepSeek-V3 technical report (arXiv 2412.19437): 671B total, 37B activated, trained and
     served with FP8 weights. Cache in BF16 by default (ASSUMPTION: as FlashMLA's BF16 kernels).
-    ``attention="mha"`` is the what-if V3 with 128 heads of 128 cached K and V (57x the cache).
+    ``attention="mha"`` is the what-if V3 with 128 heads of 128 cached K and V (57x the cache),
+    ``"gqa"`` the what-if with ``kv_heads`` key/value heads (see :func:`deepseek_v2`).
     """
-    return _mla_or_mha(MLAConfig.deepseek_v3(), attention, 671e9, 37e9, weight_bytes_per_param,
-                       cache_bytes_per_element, "DeepSeek-V3 (arXiv 2412.19437): 671B total, 37B activated, 61 layers")
+    return _with_attention(MLAConfig.deepseek_v3(), attention, kv_heads, 671e9, 37e9, weight_bytes_per_param,
+                           cache_bytes_per_element,
+                           "DeepSeek-V3 (arXiv 2412.19437): 671B total, 37B activated, 61 layers")
 
 
-def _mla_or_mha(config: MLAConfig, attention: str, total_params: float, active_params: float,
-                weight_bytes_per_param: float, cache_bytes_per_element: float, source: str) -> DecodeModel:
-    """The model with MLA (absorbed decode), or the what-if with an MHA cache of the same heads."""
-    kind = {"mla": config, "mha": AttentionConfig.from_mla(config)}.get(attention)
-    if kind is None:
-        raise ValueError(f"attention must be 'mla' or 'mha', got {attention!r}")
-    name = config.name if attention == "mla" else f"{config.name} as MHA"
+_ATTENTION_KINDS = ("mla", "gqa", "mha")
+
+
+def _with_attention(config: MLAConfig, attention: str, kv_heads: int, total_params: float, active_params: float,
+                    weight_bytes_per_param: float, cache_bytes_per_element: float, source: str) -> DecodeModel:
+    """The model with MLA (absorbed decode), or a what-if with a GQA or MHA cache of the same heads."""
+    if attention not in _ATTENTION_KINDS:
+        raise ValueError(f"attention must be one of {_ATTENTION_KINDS}, got {attention!r}")
+    if attention == "mla":
+        kind, name = config, config.name
+    else:
+        kv = config.num_attention_heads if attention == "mha" else kv_heads
+        if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or config.num_attention_heads % kv:
+            raise ValueError(f"kv_heads must be a positive int dividing the {config.num_attention_heads} heads, "
+                             f"got {kv_heads!r}")
+        kind = AttentionConfig.from_mla(config, kv)
+        name = f"{config.name} with {kind.kind}"
     return DecodeModel.from_config(kind, total_params, active_params, weight_bytes_per_param=weight_bytes_per_param,
                                    cache_bytes_per_element=cache_bytes_per_element, name=name, source=source)
 
@@ -368,6 +399,15 @@ def decode_step(model: DecodeModel, node: Node, batch: int, context: int) -> Ste
 def max_throughput(model: DecodeModel, node: Node, context: int) -> StepEstimate:
     """The decode step at the largest batch that fits: the model's maximum generation throughput."""
     return decode_step(model, node, max_batch(model, node, context), context)
+
+
+def throughput_ratio(model: DecodeModel, baseline: DecodeModel, node: Node, context: int) -> float:
+    """Maximum throughput of ``model`` over that of ``baseline``, on the same node and context."""
+    base = max_throughput(baseline, node, context).tokens_per_s
+    if base == 0:
+        raise ValueError(f"{baseline.name}'s weights do not fit in {node.count} x {node.accelerator.name}: "
+                         "no throughput to compare with; give the node more devices")
+    return max_throughput(model, node, context).tokens_per_s / base
 
 
 def cache_reduction(baseline: DecodeModel, model: DecodeModel) -> float:

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import yarn_get_mscale
+from .checks import check_bool, check_positive_int
+from .config import check_rope_theta, check_yarn, yarn_get_mscale
 
 __all__ = ["rope_inv_freq", "yarn_inv_freq", "apply_rope", "RotaryEmbedding"]
 
 
 def rope_inv_freq(dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Angular frequency of each of the ``dim // 2`` pairs: ``theta ** (-2i / dim)``, in fp32."""
-    if dim <= 0 or dim % 2:
-        raise ValueError(f"RoPE dimension must be a positive even number, got {dim}")
+    _check_dim(dim)
+    check_rope_theta("rope_inv_freq", theta)
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
@@ -39,6 +40,7 @@ def yarn_inv_freq(dim: int, theta: float, rope_scaling: dict[str, Any]) -> tuple
     ramp between ``beta_fast`` and ``beta_slow`` rotations blends the two. Matches the formula in
     DeepSeek's reference code and in Hugging Face ``transformers``.
     """
+    rope_scaling = check_yarn("yarn_inv_freq", rope_scaling)
     base = rope_inv_freq(dim, theta)
     factor = float(rope_scaling["factor"])
     original = rope_scaling["original_max_position_embeddings"]
@@ -69,6 +71,34 @@ def yarn_inv_freq(dim: int, theta: float, rope_scaling: dict[str, Any]) -> tuple
     return inv_freq, float(attention_factor)
 
 
+def _check_dim(dim: int) -> None:
+    check_positive_int("RoPE", "dim", dim)
+    if dim % 2:
+        raise ValueError(f"RoPE dimension must be a positive even number (it rotates pairs), got {dim}")
+
+
+def _check_rope_args(x: Any, cos: Any, sin: Any, interleaved: Any) -> None:
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"apply_rope: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"apply_rope: {name} must be a floating-point tensor, got {t.dtype} (a rotation of "
+                            f"integers would be truncated); convert it first, e.g. {name}.float()")
+    check_bool("apply_rope", "interleaved", interleaved)
+    if x.dim() < 2:
+        raise ValueError(f"apply_rope: x must be (..., T, d), got shape {tuple(x.shape)}")
+    if x.shape[-1] != 2 * cos.shape[-1]:
+        raise ValueError(f"apply_rope: last dim of x ({x.shape[-1]}) must be twice the number of "
+                         f"angles ({cos.shape[-1]})")
+    if cos.shape != sin.shape:
+        raise ValueError(f"apply_rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    if cos.dim() >= 2 and cos.shape[-2] not in (1, x.shape[-2]):
+        raise ValueError(f"apply_rope: x has {x.shape[-2]} positions (shape {tuple(x.shape)}) but cos/sin have "
+                         f"{cos.shape[-2]} (shape {tuple(cos.shape)}); compute them for the same positions")
+    if cos.device != x.device:
+        raise ValueError(f"apply_rope: x is on {x.device} but cos/sin are on {cos.device}")
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """Rotate the last dimension of ``x`` (..., T, d) by per-position angles.
 
@@ -78,9 +108,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     permuted alike) and is what Hugging Face's ``apply_rotary_pos_emb_interleave`` returns.
     Computed in fp32 (or fp64 for fp64 input), returned in ``x``'s dtype.
     """
-    if x.shape[-1] != 2 * cos.shape[-1]:
-        raise ValueError(f"apply_rope: last dim of x ({x.shape[-1]}) must be twice the number of "
-                         f"angles ({cos.shape[-1]})")
+    _check_rope_args(x, cos, sin, interleaved)
     compute = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(compute)
     if interleaved:
@@ -101,6 +129,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float = 10000.0, rope_scaling: dict[str, Any] | None = None):
         super().__init__()
+        _check_dim(dim)
+        check_rope_theta("RotaryEmbedding", theta)
+        if rope_scaling is not None:
+            rope_scaling = check_yarn("RotaryEmbedding", rope_scaling)
         if rope_scaling is None:
             inv_freq, self.attention_factor = rope_inv_freq(dim, theta), 1.0
         else:
@@ -111,20 +143,32 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T,) integer positions -> cos, sin of shape (T, dim/2), fp32; (B, T) -> (B, T, dim/2)."""
+        """Integer positions (T,) -> cos, sin of shape (T, dim/2), fp32; (B, T), one position per
+        sequence and token -> (B, T, dim/2)."""
+        if not isinstance(positions, torch.Tensor) or positions.dim() not in (1, 2) \
+                or positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+            got = (f"{positions.dtype} of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                   else type(positions).__name__)
+            raise TypeError(f"RotaryEmbedding expects integer positions: a 1-D tensor of positions, e.g. "
+                            f"torch.arange(T), or (B, T) with one per sequence and token; got {got}")
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         angles = positions.to(torch.float32)[..., None] * self.inv_freq
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 
-    def tables(self, positions: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for a (batch, heads, tokens, dim) tensor: (T,) positions shared by the batch give
-        (T, dim/2) each; (B, T) positions, one per sequence and token, give (B, 1, T, dim/2)."""
+    def tables(self, positions: torch.Tensor, batch: int, tokens: int,
+               device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a (batch, heads, tokens, dim) tensor on ``device``: (T,) positions shared by
+        the batch give (T, dim/2) each; (B, T) positions, one per sequence and token, give
+        (B, 1, T, dim/2)."""
         if not isinstance(positions, torch.Tensor) or positions.dtype.is_floating_point or positions.dtype == torch.bool:
             raise TypeError(f"positions must be an integer tensor, got "
                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
         if tuple(positions.shape) not in ((tokens,), (batch, tokens)):
             raise ValueError(f"positions must be (T,) = ({tokens},) or (B, T) = ({batch}, {tokens}), "
                              f"got {tuple(positions.shape)}")
-        cos, sin = self(positions)
+        if device is not None and positions.device != device:
+            raise ValueError(f"positions are on {positions.device} but the input is on {device}; "
+                             f"make them with device=x.device")
+        cos, sin = self(positions)                                                    # (T or B, T, dim/2)
         return (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])

@@ -1,5 +1,7 @@
 """attention(): key masks (padding), causality that holds even for NaN inputs, fp32 scores in fp16."""
 
+import copy
+
 import pytest
 import torch
 
@@ -179,3 +181,83 @@ def test_fp64_stays_fp64():
             [[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]], dtype=torch.float64), dim=-1) @ v
         assert out.dtype == torch.float64
         torch.testing.assert_close(out, ref, atol=1e-14, rtol=1e-14)
+
+
+# --- fp16 with large inputs, and NaN causality, on every layer and path ----------------------------------
+# The reported case: hidden 256, 8 heads, d_c 64, d_h_R 16, inputs x1e4 (unscaled logits pass fp16's 65,504).
+BIG = MLAConfig(hidden_size=256, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=16,
+                qk_rope_head_dim=16, v_head_dim=16, num_hidden_layers=1, max_position_embeddings=4096)
+
+
+def _every_layer(hidden: int = 256):
+    torch.manual_seed(0)
+    for name, kv in (("MHA", 8), ("GQA", 2), ("MQA", 1)):
+        yield name, MultiHeadAttention(hidden, num_heads=8, num_kv_heads=kv, rope_theta=10000.0).eval()
+    for mode in MLA_MODES:
+        yield f"MLA {mode}", MultiHeadLatentAttention(BIG.replace(hidden_size=hidden), mode=mode).eval()
+    yield "MLA absorbed, chunks absorbed", MultiHeadLatentAttention(BIG.replace(hidden_size=hidden),
+                                                                    absorb_prefill=True).eval()
+
+
+def _run(layer, x, path):
+    """Outputs for all of x through one path: a full prefill, a prefill then chunks, or token by token."""
+    T = x.shape[1]
+    if path == "full prefill":
+        return layer(x)
+    cache = layer.new_cache(x.shape[0], T)
+    if path == "chunked prefill":
+        return torch.cat([layer(x[:, :T // 2], cache=cache), layer(x[:, T // 2:3 * T // 4], cache=cache),
+                          layer(x[:, 3 * T // 4:], cache=cache)], dim=1)
+    return torch.cat([layer(x[:, :2], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(2, T)], 1)
+
+
+LAYERS = list(_every_layer())
+PATHS = ("full prefill", "chunked prefill", "decode")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,layer", LAYERS, ids=[n for n, _ in LAYERS])
+def test_fp16_with_large_inputs_stays_finite_and_close_to_fp32(name, layer, path):
+    torch.manual_seed(3)
+    x = torch.randn(1, 12, 256) * 1e4
+    half = copy.deepcopy(layer).half()
+    ref = copy.deepcopy(half).float()                      # the same fp16-rounded weights, computed in fp32
+    with torch.no_grad():
+        q = (ref.W_Q(x) if hasattr(ref, "W_Q") else ref.W_QR(x)).view(1, 12, 8, -1)
+        assert (q @ q.transpose(-1, -2)).abs().max() > 65_504, "the test needs logits beyond fp16's range"
+        out = _run(half, x.half(), path).float()
+        expected = _run(ref, x.half().float(), path)
+    assert torch.isfinite(out).all(), f"{name}, {path}: fp16 overflowed"
+    # logits this large make the softmax nearly one-hot: fp16's rounding of q and k may flip a near-tie,
+    # so most outputs, not all, agree with fp32
+    close = torch.isclose(out, expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
+    assert close.float().mean() > 0.9, f"{name}, {path}: only {close.float().mean():.0%} close to fp32"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,layer", list(_every_layer(64)), ids=[n for n, _ in _every_layer(64)])
+def test_a_nan_token_reaches_no_earlier_token_and_no_other_sequence(name, layer, path):
+    torch.manual_seed(4)
+    x = torch.randn(2, 8, 64)
+    poisoned = x.clone()
+    poisoned[0, 5] = float("nan")                      # token 5 of sequence 0
+    with torch.no_grad():
+        clean, out = _run(layer, x, path), _run(layer, poisoned, path)
+    torch.testing.assert_close(out[0, :5], clean[0, :5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], clean[1], atol=1e-5, rtol=1e-5)
+    assert out[0, 5:].isnan().all(), f"{name}, {path}: tokens that see the NaN must not hide it"
+
+
+@pytest.mark.parametrize("name,layer", list(_every_layer(64)), ids=[n for n, _ in _every_layer(64)])
+def test_nan_in_padding_never_reaches_real_tokens(name, layer):
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 64)
+    key_mask = torch.ones(2, 6, dtype=torch.bool)
+    key_mask[1, :2] = False                            # sequence 1 is left-padded by two tokens
+    padded = x.clone()
+    padded[1, :2] = float("nan")
+    with torch.no_grad():
+        out = layer(padded, key_mask=key_mask)
+        alone = layer(x[1:, 2:])
+    torch.testing.assert_close(out[1, 2:], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], layer(x[:1])[0], atol=1e-5, rtol=1e-5)

@@ -94,7 +94,8 @@ def test_bytes_and_flops_come_from_the_shapes():
 
 
 def test_hf_decodes_like_the_package_on_the_same_weights():
-    pytest.importorskip("transformers")
+    from mla_tutorial.hf import TRANSFORMERS_MIN
+    pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN)
     config = bench.bench_config(**TINY)
     v = bench.make_variants(config, ["latent", "absorbed", "hf"])
     assert torch.equal(v["hf"].module.o_proj.weight, v["absorbed"].module.W_O.weight)
@@ -113,11 +114,16 @@ def test_hf_decodes_like_the_package_on_the_same_weights():
 
 def test_run_benchmark_skips_what_does_not_fit_and_summarizes():
     config = bench.bench_config(**TINY)
-    result = bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[16], batch_sizes=[1],
+    result = bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[16, 10**7], batch_sizes=[1],
                                  modes=["mha", "absorbed"], config=config, repeats=1, rounds=1, warmup=0,
-                                 prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=1000)
-    assert all("skipped" in r and "median_s" not in r for r in result["decode"])
-    assert result["prefill"] == [] and result["summary"] == {}
+                                 prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=5e6)
+    skipped = {(r["mode"], r["context"]) for r in result["decode"] if "skipped" in r}
+    assert skipped == {("mha", 10**7), ("absorbed", 10**7)}               # 2.6 GB and 0.8 GB of cache
+    assert all("median_s" in r for r in result["decode"] if r["context"] == 16)
+    assert result["prefill"] == [] and result["summary"]["context"] == 16
+    with pytest.raises(MemoryError, match=r"no decode case fits in memory.*shorter contexts"):
+        bench.run_benchmark(device="cpu", dtype=torch.float32, contexts=[10**7], modes=["mha"], config=config,
+                            prefill_tokens=0, progress=False, machine=MACHINE, max_memory_bytes=5e6)
 
 
 def test_machine_measurements_are_positive():
@@ -152,3 +158,45 @@ def test_long_cpu_prefill_attention_is_the_plain_formula(heads, dk, dv):
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
     expected = torch.softmax(scores, dim=-1) @ v
     torch.testing.assert_close(attention(q, k, v, dk**-0.5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_matmul_peak_is_measured_within_its_time_budget(monkeypatch):
+    """A dtype with no fast kernels (fp16 on many CPUs: minutes for 11 products of 2048 x 2048) is
+    measured at the sizes that fit the budget, not at 2048."""
+    sizes, real_mm = [], torch.mm
+
+    def slow_mm(a, b):                     # 0.1 s for a 256 x 256 product, 8x more per doubling
+        sizes.append(a.shape[0])
+        time.sleep(0.1 * (a.shape[0] / 256) ** 3)
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", slow_mm)
+    start = time.perf_counter()
+    peak = bench.measure_peak_flops(torch.device("cpu"), torch.float16, max_seconds=1.0)
+    assert time.perf_counter() - start < 2.5
+    assert max(sizes) == 256 and 0 < peak < 2 * 256**3 / 0.1
+
+
+def test_a_run_is_refused_before_work_when_its_lower_bound_exceeds_max_minutes(monkeypatch):
+    config = bench.bench_config(**TINY)
+    slow = {"bandwidth_bytes_per_s": 1e9, "peak_flops_per_s": 6e8}
+    monkeypatch.setattr(bench, "time_decode", lambda *a, **k: pytest.fail("a refused run must time nothing"))
+    kwargs = dict(device="cpu", dtype=torch.float32, contexts=[10**6], modes=["latent"], config=config, repeats=100,
+                  rounds=2, warmup=0, prefill_tokens=0, progress=False, machine=slow)
+    with pytest.raises(ValueError, match=r"would take at least \d+ minutes"):
+        bench.run_benchmark(**kwargs, max_minutes=1)
+    # the estimate counts every step at its roofline bound: twice the steps, twice the time
+    v = bench.make_variants(config, ["latent"])
+    one = bench.plan.estimate_seconds(v, [("latent", 10**6, 1)], {}, 1, 10, 0, slow)
+    assert bench.plan.estimate_seconds(v, [("latent", 10**6, 1)], {}, 2, 10, 0, slow) == pytest.approx(2 * one)
+    step = max(v["latent"].bytes(1, 10**6) / 1e9, v["latent"].flops(1, 10**6) / 6e8)
+    assert 10 * step < one < 10 * step * 1.1      # plus writing the cache once
+
+
+def test_output_paths_are_checked_before_the_run_and_left_as_they_were(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_benchmark", lambda **k: pytest.fail("the run started before the paths were checked"))
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path / "new" / "r.json"), "--plot", "/proc/none/r.png"])
+    assert "--plot '/proc/none/r.png' cannot be written" in capsys.readouterr().err
+    assert list((tmp_path / "new").iterdir()) == [], "checking a path must not leave a file behind"
+    assert bench._parser().parse_args(["--max-minutes", "inf"]).max_minutes is None

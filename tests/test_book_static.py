@@ -103,7 +103,7 @@ def test_toc_parts_and_back_matter():
     for page in ("book/setup", "book/glossary"):
         assert page in TOC_FILES, f"{page} is missing from _toc.yml"
     assert captions[-1] == "Back matter", captions
-    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/references"]
+    assert [c["file"] for c in TOC["parts"][-1]["chapters"]] == ["book/explorer", "book/find_the_bug", "book/references"]
 
 
 def test_one_bibliography_on_the_references_page():
@@ -252,3 +252,184 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {r for r in pip if not r.startswith("-")}  # options (index URL, -e .) are not requirements
     assert listed == wanted, f"only in pyproject: {wanted - listed}; only in environment.yml: {listed - wanted}"
+
+
+# --- glossary links, figure captions, widget state ---------------------------------------------
+# Pages whose glossary links, and notebooks whose figure captions, are checked: add a page once it
+# links the glossary terms it uses / captions its figures (CONTRIBUTING.md, "Glossary links", "Figures").
+GLOSSARY_LINKED_PAGES = [
+    "notebooks/00_setup.ipynb",
+    "notebooks/01_attention.ipynb",
+    "notebooks/02_kv_cache.ipynb",
+    "notebooks/03_mqa_gqa.ipynb",
+    "book/explorer.md",
+    "book/find_the_bug.ipynb",
+    "notebooks/04_latent_compression.ipynb",
+    "notebooks/05_weight_absorption.ipynb",
+    "notebooks/06_decoupled_rope.ipynb",
+    "notebooks/07_deepseek_v3_layer.ipynb",
+    "notebooks/08_six_times_faster.ipynb",
+    "notebooks/12_serving_mla.ipynb",
+]
+FIGURE_CAPTIONED_PAGES = [
+    "notebooks/00_setup.ipynb",
+    "notebooks/01_attention.ipynb",
+    "notebooks/02_kv_cache.ipynb",
+    "notebooks/03_mqa_gqa.ipynb",
+    "notebooks/04_latent_compression.ipynb",
+    "notebooks/05_weight_absorption.ipynb",
+    "notebooks/06_decoupled_rope.ipynb",
+    "notebooks/07_deepseek_v3_layer.ipynb",
+    "notebooks/08_six_times_faster.ipynb",
+    "notebooks/12_serving_mla.ipynb",
+]
+GLOSSARY = ROOT / "book" / "glossary.md"
+# How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
+# it is a whole inline code span). Every term of book/glossary.md needs an entry.
+_NB = r"(?<![A-Za-z0-9])"  # not inside a longer name
+GLOSSARY_FORMS = {
+    "d_model": r"d_\\text\{model\}|d_\{\\text\{model\}\}",
+    "n_h": _NB + r"n_h(?![\w^])|" + _NB + r"n_\{h\}",
+    "n_kv": _NB + r"n_\{kv\}|" + _NB + r"n_\\text\{kv\}",
+    "n_layers": _NB + r"n_\\text\{layers\}|" + _NB + r"n_\{\\text\{layers\}\}",
+    "d_h": _NB + r"d_h(?![\w^'])|" + _NB + r"d_\{h\}(?![\w^'])",
+    "d_h_R": _NB + r"d_h\^\{?R\}?|" + _NB + r"d\^\{?R\}?_h|" + _NB + r"d_\{h\}\^\{?R\}?",
+    "d_c": _NB + r"d_c(?![\w'^])|" + _NB + r"d_\{c\}(?![\w'^])",
+    "d_c_q": _NB + r"d_c'|" + _NB + r"d_c\^\{?\\prime\}?|" + _NB + r"d'_c|" + _NB + r"d_\{c\}'",
+    "d_v": _NB + r"d_v(?!\w)|" + _NB + r"d_\{v\}",
+    "c_KV": _NB + r"c\^\{KV\}|" + _NB + r"c_\{KV\}",
+    "c_Q": _NB + r"c\^\{?Q\}?(?![A-Za-z0-9])",
+    "k_R": _NB + r"k\^\{?R\}?(?![A-Za-z0-9])",
+    "q_R": _NB + r"q\^\{?R\}?(?![A-Za-z0-9])",
+    "W_Q": _NB + r"W_\{?Q\}?(?![A-Za-z0-9])",
+    "W_K": _NB + r"W_\{?K\}?(?![A-Za-z0-9])",
+    "W_V": _NB + r"W_\{?V\}?(?![A-Za-z0-9])",
+    "W_O": _NB + r"W[_^]\{?O\}?(?![A-Za-z0-9])",
+    **{f"W_{m}": _NB + rf"W[_^]\{{{m}\}}" for m in ("DQ", "UQ", "QR", "DKV", "KR", "UK", "UV")},
+}
+
+
+def _glossary_entries() -> dict[str, str]:
+    """Every name in the glossary's term lists -> the entry's first name (its canonical term)."""
+    names: dict[str, str] = {}
+    for block in re.findall(r"```\{glossary\}\n(.*?)```", GLOSSARY.read_text(), flags=re.S):
+        entry = None
+        for line in block.splitlines():
+            if not line.strip():
+                entry = None
+            elif not line.startswith(" "):
+                entry = entry or line.strip()
+                names[line.strip()] = entry
+    return names
+
+
+def _markdown_units(path: pathlib.Path) -> list[str]:
+    """The prose of a page, in reading order: a notebook's Markdown cells, a Markdown page's sections."""
+    if path.suffix == ".ipynb":
+        return [_source(c) for c in _load(path)["cells"] if c["cell_type"] == "markdown"]
+    return re.split(r"\n(?=#{1,6} )", path.read_text())
+
+
+_CODE_FENCE = re.compile(r"^(`{3,}|~{3,})(?!\{)[^\n]*\n.*?^\1\s*$", flags=re.S | re.M)  # not a directive
+_ROLE = re.compile(r"(?<!`)\{[\w:-]+\}`[^`]*`")  # not `{term}` written as code
+_TERM = re.compile(r"(?<!`)\{term\}`([^`]*)`")
+_CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+def _term_uses(text: str, names: dict[str, str]) -> tuple[set[str], set[str], list[str]]:
+    """(terms linked, terms used, unknown link targets) in one unit of prose."""
+    text = _CODE_FENCE.sub("", text)
+    linked, unknown = set(), []
+    for target in _TERM.findall(text):
+        target = re.sub(r"^.*<(.*)>$", r"\1", target.strip(), flags=re.S).strip()  # {term}`text <name>`
+        if target in names:
+            linked.add(names[target])
+        else:
+            unknown.append(target)
+    text = _ROLE.sub(" ", text)
+    used = {names[span] for span in _CODE_SPAN.findall(text) if span in names}
+    text = _CODE_SPAN.sub(" ", text)
+    used |= {term for term, form in GLOSSARY_FORMS.items() if re.search(form, text)}
+    return linked, used | linked, unknown
+
+
+def test_glossary_forms_cover_every_term():
+    entries = set(_glossary_entries().values())
+    assert set(GLOSSARY_FORMS) == entries, (
+        f"GLOSSARY_FORMS lacks {sorted(entries - set(GLOSSARY_FORMS))}; "
+        f"names no glossary term: {sorted(set(GLOSSARY_FORMS) - entries)}")
+
+
+@pytest.mark.parametrize("page", [f for f in TOC_FILES if f != "book/glossary"])
+def test_term_links_name_glossary_entries(page):
+    path = next(p for p in (ROOT / f"{page}.ipynb", ROOT / f"{page}.md") if p.exists())
+    names = _glossary_entries()
+    unknown = [t for unit in _markdown_units(path) for t in _term_uses(unit, names)[2]]
+    assert not unknown, f"{path.name} links {unknown}, which book/glossary.md does not define"
+
+
+@pytest.mark.parametrize("page", [f for f in TOC_FILES if f != "book/glossary"])
+def test_glossary_terms_are_linked_where_first_used(page):
+    path = next(p for p in (ROOT / f"{page}.ipynb", ROOT / f"{page}.md") if p.exists())
+    rel = str(path.relative_to(ROOT))
+    if rel not in GLOSSARY_LINKED_PAGES:
+        pytest.skip(f"{rel} is not in GLOSSARY_LINKED_PAGES yet")
+    names = _glossary_entries()
+    first_use, first_link = {}, {}
+    for i, unit in enumerate(_markdown_units(path)):
+        linked, used, _ = _term_uses(unit, names)
+        for term in used:
+            first_use.setdefault(term, i)
+        for term in linked:
+            first_link.setdefault(term, i)
+    kind = "Markdown cell" if path.suffix == ".ipynb" else "section"
+    problems = [f"{term}: first used in {kind} {i}, " + (f"first linked in {kind} {first_link[term]}"
+                                                         if term in first_link else "never linked")
+                for term, i in sorted(first_use.items()) if first_link.get(term) != i]
+    assert not problems, (f"{rel}: link each glossary term with {{term}}`name` where the page first uses "
+                          "it:\n  " + "\n  ".join(problems))
+
+
+def _shows_image(cell: dict) -> bool:
+    return any(k.startswith("image/") for o in cell.get("outputs", []) for k in o.get("data", {}))
+
+
+@pytest.mark.parametrize("rel", FIGURE_CAPTIONED_PAGES)
+def test_figures_are_numbered_and_captioned(rel):
+    path = ROOT / rel
+    nb = _load(path)
+    number = path.name[:2]
+    names, problems = [], []
+    for i, cell in enumerate(_code_cells(nb)):
+        figure = cell.get("metadata", {}).get("mystnb", {}).get("figure")
+        if not _shows_image(cell):
+            if figure:
+                problems.append(f"code cell {i} has a figure caption but shows no image")
+            continue
+        if not (figure and figure.get("caption") and figure.get("name")):
+            problems.append(f"code cell {i} shows a figure without metadata mystnb.figure caption and name")
+            continue
+        names.append(figure["name"])
+        if not figure["name"].startswith(f"fig-{number}-"):
+            problems.append(f"code cell {i}: figure name {figure['name']!r} should start with fig-{number}-")
+        others = [o["output_type"] if o["output_type"] == "stream" else sorted(o.get("data", {}))
+                  for o in cell["outputs"] if not any(k.startswith("image/") for k in o.get("data", {}))]
+        if others:
+            problems.append(f"code cell {i} shows {others} besides its figure; print in another cell")
+    prose = " ".join(_source(c) for c in nb["cells"] if c["cell_type"] == "markdown")
+    unreferenced = [n for n in names if f"{{numref}}`{n}`" not in prose]
+    if unreferenced:
+        problems.append(f"figures the text never refers to with {{numref}}: {unreferenced}")
+    assert not problems, f"{rel}:\n  " + "\n  ".join(problems)
+
+
+def test_stored_widget_state_is_ipywidgets_8s(notebook):
+    # The book's pages draw stored widgets with @jupyter-widgets/html-manager 1.x, which reads the
+    # state ipywidgets 8 writes (controls and base models 2.x); ipywidgets 7 writes 1.x models.
+    path, nb = notebook
+    state = nb["metadata"].get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    old = sorted({f"{m['model_module']} {m['model_module_version']}" for m in state.values()
+                  if m.get("model_module") in ("@jupyter-widgets/controls", "@jupyter-widgets/base")
+                  and not str(m.get("model_module_version", "")).startswith("2.")})
+    assert not old, (f"{path.name} stores widget state from ipywidgets 7 ({old}); re-execute it "
+                     "(make notebooks) in the dev environment, which installs ipywidgets 8")

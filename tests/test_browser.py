@@ -12,7 +12,12 @@ Headless Chromium (Debian's `chromium` and `chromium-driver` packages, driven by
 
 The same checks (but the links) run again with each page opened from disk (file://).
 
-A full-page screenshot of each page is saved to test-artifacts/browser/.
+Each page is also checked 390 px wide, as on a phone (nothing reaches past the right edge unless
+it is inside its own scrolling box: no sideways scrolling of the page), and in dark mode (plot
+images on a light box, interactive figures' text in contrast).
+
+Full-page screenshots of each page are saved to test-artifacts/browser/ (ignored by git):
+PAGE.png (1280 px), PAGE@390.jpg and PAGE@dark.jpg (1280 px).
 
 The test builds the book first (`scripts/build_book.py`) when `_build/html` is missing or older
 than its sources, so `make test` needs no prior `make book`. It is skipped, with the reason, when
@@ -50,6 +55,7 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 PAGE_TIMEOUT_S = 60
 SCREEN_WIDTH = 1280
+NARROW_WIDTH = 390  # a phone
 TILE = 4000  # px per capture
 MAX_SCREENSHOT_HEIGHT = 40000  # px; longer pages are cut off in the screenshot only
 
@@ -92,6 +98,8 @@ def _sources() -> list[pathlib.Path]:
     paths += [ROOT / "scripts" / "build_book.py"]
     paths += sorted((ROOT / "book").rglob("*.md")) + sorted((ROOT / "book").rglob("*.ipynb"))
     paths += sorted((ROOT / "notebooks").glob("*.ipynb")) + [ROOT / "scripts" / "sphinx_book_fixes.py"]
+    paths += [ROOT / "scripts" / "interactive_figures.py"] + sorted((ROOT / "book" / "_static").glob("*"))
+    paths += sorted((ROOT / "mla_tutorial").glob("*.py"))  # the interactive figures' presets
     return [p for p in paths if p.exists()]
 
 
@@ -175,33 +183,48 @@ def _is_remote(url: str) -> bool:
     return parts.scheme not in ("data", "blob", "about", "chrome", "file", "") and parts.hostname != "127.0.0.1"
 
 
-def _screenshot(browser, page: str) -> pathlib.Path:
-    """A full-page PNG, captured in tiles (Chromium caps one capture's height) and stitched."""
+def _screenshot(browser, page: str, width: int = SCREEN_WIDTH, mobile: bool = False, suffix: str = "",
+                fmt: str = "png", at_width=None) -> pathlib.Path:
+    """A full-page screenshot, captured in tiles (Chromium caps one capture's height) and stitched.
+    ``fmt="jpeg"`` is several times quicker for the extra views; ``at_width(browser)`` runs once
+    the page is laid out at ``width``, before the capture."""
     from PIL import Image
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    height = min(int(browser.execute_script("return document.documentElement.scrollHeight")),
-                 MAX_SCREENSHOT_HEIGHT)
-    # A viewport as tall as the page, then tiles of it (clips inside the viewport are reliable).
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-        "width": SCREEN_WIDTH, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    metrics = {"width": width, "deviceScaleFactor": 1, "mobile": mobile}
     tiles = []
     try:
+        if width != SCREEN_WIDTH or mobile:
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": 1000})
+            _settle(browser)
+        if at_width is not None:
+            at_width(browser)
+        height = min(int(browser.execute_script("return document.documentElement.scrollHeight")),
+                     MAX_SCREENSHOT_HEIGHT)
+        # A viewport as tall as the page, then tiles of it (clips inside the viewport are reliable).
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "height": height})
         browser.execute_script("window.scrollTo(0, 0)")
         for top in range(0, height, TILE):
-            clip = {"x": 0, "y": top, "width": SCREEN_WIDTH, "height": min(TILE, height - top), "scale": 1}
-            shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "clip": clip})
+            clip = {"x": 0, "y": top, "width": width, "height": min(TILE, height - top), "scale": 1}
+            options = {"format": fmt, "clip": clip, **({"quality": 85} if fmt == "jpeg" else {})}
+            shot = browser.execute_cdp_cmd("Page.captureScreenshot", options)
             tiles.append(Image.open(io.BytesIO(base64.b64decode(shot["data"]))))
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    full = Image.new("RGB", (SCREEN_WIDTH, sum(t.height for t in tiles)), "white")
+    full = Image.new("RGB", (width, sum(t.height for t in tiles)), "white")
     top = 0
     for tile in tiles:
         full.paste(tile, (0, top))
         top += tile.height
-    path = ARTIFACTS / (page.replace("/", "__") + ".png")
-    full.save(path, optimize=True)
+    path = ARTIFACTS / (page.replace("/", "__") + suffix + (".jpg" if fmt == "jpeg" else ".png"))
+    full.save(path, **({"quality": 85} if fmt == "jpeg" else {}))  # (optimize=True: 5x the time for 2% less)
     return path
+
+
+def _settle(browser) -> None:
+    """Wait two animation frames, so that a resize or a theme change is laid out and drawn."""
+    browser.execute_async_script("const done = arguments[arguments.length - 1];"
+                                 "requestAnimationFrame(() => requestAnimationFrame(() => done()));")
 
 
 # JavaScript run in the page --------------------------------------------------------------
@@ -329,10 +352,82 @@ def _open_and_check(driver, url: str, page: str, screenshot: bool) -> tuple[list
     return problems, facts, note
 
 
+NARROW_FACTS = """
+const W = document.documentElement.clientWidth;
+const pageWidth = Math.max(document.documentElement.scrollWidth, document.body.scrollWidth);
+// Content reaching past the right edge that is not inside a box of its own that scrolls or clips.
+// Fixed-position elements (the off-canvas menus) never widen the page.
+const main = document.querySelector("main") || document.body;
+const offenders = [];
+for (const el of main.querySelectorAll("*")) {
+  const r = el.getBoundingClientRect();
+  if (!r.width || r.right <= W + 1 || getComputedStyle(el).visibility === "hidden") continue;
+  let boxed = false;
+  for (let p = el; p && p !== main.parentElement; p = p.parentElement) {
+    const style = getComputedStyle(p);
+    if (style.position === "fixed") { boxed = true; break; }
+    if (p !== el && style.overflowX !== "visible" && p.getBoundingClientRect().right <= W + 1) { boxed = true; break; }
+  }
+  if (!boxed) offenders.push(el.tagName.toLowerCase() + (el.className && el.className.baseVal === undefined
+                             ? "." + String(el.className).trim().split(/\\s+/).join(".") : "")
+                             + " reaches " + Math.round(r.right) + " px: " + (el.textContent || "").trim().slice(0, 50));
+}
+return {width: W, pageWidth, offenders: offenders.slice(0, 5), count: offenders.length};
+"""
+
+DARK_FACTS = """
+// Figures in dark mode: every plot image in the page content sits on a light box, and the
+// interactive figures' text contrasts with their background.
+function rgb(c) { const m = c.match(/[\\d.]+/g); return m ? m.slice(0, 3).map(Number).concat(m.length > 3 ? [Number(m[3])] : [1]) : null; }
+function luminance(c) { const [r, g, b] = c.slice(0, 3).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+                        return 0.2126 * r + 0.7152 * g + 0.0722 * b; }
+function background(el) {
+  for (let e = el; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor); if (c && c[3] > 0.5) return c; }
+  return [255, 255, 255, 1];
+}
+const dark = document.documentElement.dataset.theme === "dark";
+const images = [...document.querySelectorAll(".bd-content img")].filter(i => i.naturalWidth > 0)
+  .filter(i => luminance(background(i)) < 0.7).map(i => i.currentSrc || i.src);
+const figures = [...document.querySelectorAll(".interactive-figure")].map(f => {
+  const text = rgb(getComputedStyle(f.querySelector("dd, text, label") || f).color);
+  const bg = background(f);
+  const [a, b] = [luminance(text), luminance(bg)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+});
+return {dark, images, contrasts: figures};
+"""
+
+
+def _narrow_and_dark(driver, page: str) -> tuple[list[str], list[str]]:
+    """390 px wide (a phone) and dark mode: no sideways scrolling, legible figures; (problems, shots)."""
+    problems, shots, narrow = [], [], {}
+    shots.append(_screenshot(driver, page, width=NARROW_WIDTH, mobile=True, suffix="@390", fmt="jpeg",
+                             at_width=lambda browser: narrow.update(browser.execute_script(NARROW_FACTS))))
+    if narrow["pageWidth"] > narrow["width"] + 1 or narrow["count"]:
+        problems.append(f"at {NARROW_WIDTH} px the page is {narrow['pageWidth']} px wide; content past the edge "
+                        f"({narrow['count']} elements): {narrow['offenders']}")
+    driver.execute_script("document.documentElement.dataset.theme = 'dark'")
+    try:
+        _settle(driver)
+        dark = driver.execute_script(DARK_FACTS)
+        shots.append(_screenshot(driver, page, suffix="@dark", fmt="jpeg"))
+    finally:
+        driver.execute_script("document.documentElement.dataset.theme = 'light'")
+    if not dark["dark"]:
+        problems.append("could not switch the page to dark mode")
+    problems += [f"dark mode: image on a dark background: {src}" for src in dark["images"]]
+    problems += [f"dark mode: interactive figure text contrast {c:.1f}:1 (below 4.5:1)"
+                 for c in dark["contrasts"] if c < 4.5]
+    return problems, shots
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders_offline(page, server, driver):
     """Served from 127.0.0.1 with the network off, as a reader's local web server would."""
     problems, facts, note = _open_and_check(driver, f"{server}/{page}.html", page, screenshot=True)
+    more, shots = _narrow_and_dark(driver, page)
+    problems += more
+    note += ", " + ", ".join(str(p.relative_to(ROOT)) for p in shots)
     # Launch and download links (notebook pages).
     if _source(page).suffix == ".ipynb":
         repo = urllib.parse.urlsplit(CONFIG["repository"]["url"]).path.strip("/")

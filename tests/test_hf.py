@@ -45,7 +45,9 @@ V2_CASES = {
 
 @pytest.fixture(scope="module")
 def hf():
-    return pytest.importorskip("transformers", reason="the agreement tests need transformers")
+    from mla_tutorial.hf import TRANSFORMERS_MIN
+    return pytest.importorskip("transformers", minversion=TRANSFORMERS_MIN,
+                               reason=f"the agreement tests need transformers >= {TRANSFORMERS_MIN}")
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -83,10 +85,10 @@ class HFAttention:
         B, T, _ = x.shape
         positions = torch.arange(start, start + T)[None].expand(B, -1)
         mask = torch.full((T, start + T), float("-inf")).triu(start + 1)[None, None]  # (1, 1, T, S) additive
-        with torch.no_grad():
+        with torch.no_grad():  # the cache is passed by position: transformers renamed it (past_key_values, cache)
             if self.kind == "v3":
-                return self.module(x, self.rotary(x, positions), mask, cache=cache)[0]
-            return self.module(x, attention_mask=mask, cache=cache, position_embeddings=self.rotary(x, positions))[0]
+                return self.module(x, self.rotary(x, positions), mask, cache)[0]
+            return self.module(x, mask, cache, self.rotary(x, positions))[0]
 
     def package_layer(self, mode: str = "absorbed", absorb_prefill: bool | None = None) -> MultiHeadLatentAttention:
         layer = MultiHeadLatentAttention(mla_config_from_hf(self.config), mode=mode, absorb_prefill=absorb_prefill)
@@ -261,3 +263,60 @@ def test_load_layout_prefix_and_errors():
         load_hf_attention(MultiHeadLatentAttention(config), _hf_state_dict(config.replace(q_lora_rank=None)))
     with pytest.raises(KeyError, match="q_lora_rank"):
         load_hf_attention(MultiHeadLatentAttention(config.replace(q_lora_rank=None)), sd)
+
+
+def _quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's checkpoint format: float8_e4m3fn values and one fp32 scale per block x block tile
+    (weight_scale_inv, multiplied in to dequantize)."""
+    rows, cols = w.shape
+    tiles = (-(-rows // block), -(-cols // block))
+    scale = torch.empty(tiles)
+    for i in range(tiles[0]):
+        for j in range(tiles[1]):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            scale[i, j] = tile.abs().max() / 448.0                   # float8_e4m3fn's largest value
+    full = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (w / full).to(torch.float8_e4m3fn), scale
+
+
+def test_float8_weights_are_dequantized_with_their_block_scales():
+    # 200 rows and 160 columns: tiles of 128 with ragged edges, and scales that differ per tile
+    config = MLAConfig.tiny().replace(hidden_size=160, num_attention_heads=4, qk_nope_head_dim=32, v_head_dim=18)
+    sd = {k: v * (1 + torch.arange(v.shape[0])[:, None] / 40) if v.dim() == 2 else v
+          for k, v in _hf_state_dict(config).items()}
+    quantized = dict(sd)
+    for key in [k for k, v in sd.items() if v.dim() == 2]:
+        quantized[key], quantized[key + "_scale_inv"] = _quantize_fp8(sd[key])
+    layer = load_hf_attention(MultiHeadLatentAttention(config), quantized)
+    reference = load_hf_attention(MultiHeadLatentAttention(config), sd)
+    for name, p in layer.state_dict().items():
+        ref = reference.state_dict()[name]
+        assert (p - ref).abs().max() <= 0.07 * ref.abs().max(), f"{name}: not within float8 rounding"
+    # the scales matter: casting the float8 values alone is off by the scale of every tile
+    cast_only = quantized["kv_b_proj.weight"].float()
+    assert (cast_only - sd["kv_b_proj.weight"]).abs().max() > 10 * sd["kv_b_proj.weight"].abs().max()
+
+
+def test_the_transformers_floor_is_the_one_pyproject_declares(monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pathlib import Path
+
+    from mla_tutorial.hf import TRANSFORMERS_MIN, check_transformers_version
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    for group in ("hf", "dev"):
+        pins = [r for r in project["optional-dependencies"][group] if r.startswith("transformers")]
+        assert pins == [f"transformers>={TRANSFORMERS_MIN.removesuffix('.0')}"], (group, pins)
+    check_transformers_version("x", TRANSFORMERS_MIN)
+    with pytest.raises(ImportError, match=f"x needs transformers >= {TRANSFORMERS_MIN}, found 5.14.1"):
+        check_transformers_version("x", "5.14.1")
+    with pytest.raises(ImportError, match="found 4.57.6"):
+        check_transformers_version("x", "4.57.6")
+    check_transformers_version("x", "5.24.0.dev0")
+    # config dicts and state dicts need no transformers at all, so no version is checked for them
+    hf = sys.modules.get("transformers")
+    if hf is not None:
+        monkeypatch.setattr(hf, "__version__", "4.57.6")
+    cfg = mla_config_from_hf({"hidden_size": 64, "num_attention_heads": 4, "q_lora_rank": None, "kv_lora_rank": 16,
+                              "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8})
+    load_hf_attention(MultiHeadLatentAttention(cfg), _hf_state_dict(cfg))

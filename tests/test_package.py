@@ -1,6 +1,8 @@
 """Unit tests of the mla_tutorial package: equivalences, cache figures, RoPE, and bad input."""
 
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from mla_tutorial import (ATTENTION_PRESETS, MLA_MODES, AttentionConfig, KVCache, MLAConfig, MultiHeadAttention,
                           MultiHeadLatentAttention, RotaryEmbedding, apply_rope, attention, kv_cache_bytes,
                           kv_cache_elements, pick_device, pick_dtype)
+from mla_tutorial.device import available_memory, check_memory
 
 CONFIGS = {
     "tiny": MLAConfig.tiny(),
@@ -337,3 +340,50 @@ def test_pick_device(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available on this machine"):
             pick_device("cuda")
+
+
+# --- checks that hold after construction -------------------------------------------------------------
+def test_assigning_a_config_field_is_checked_and_a_bad_value_leaves_the_config_unchanged():
+    config = MLAConfig.tiny()
+    config.rope_theta = 50_000.0                     # a valid value is taken
+    assert config.rope_theta == 50_000.0
+    with pytest.raises(ValueError, match="rope_theta must be > 1"):
+        config.rope_theta = 0
+    assert config.rope_theta == 50_000.0 and config == MLAConfig.tiny().replace(rope_theta=50_000.0)
+    with pytest.raises(TypeError, match=r"rope_scaling\['factor'\] must be a number"):
+        config.rope_scaling = dict(config.rope_scaling, factor="4")
+    assert config.rope_scaling == MLAConfig.tiny().rope_scaling
+    config.rope_scaling["beta_fast"] = 0.5           # edited in place: validate() finds it
+    with pytest.raises(ValueError, match=r"beta_fast \(0.5\) must be >= beta_slow \(1\)"):
+        config.validate()
+
+
+def test_a_cache_belongs_to_the_layer_that_writes_it_until_reset():
+    first, second = make_mla(CONFIGS["tiny"], seed=0), make_mla(CONFIGS["tiny"], seed=1)
+    x = torch.randn(1, 3, 64)
+    cache = first.new_cache(1, 6)
+    with torch.no_grad():
+        first(x, cache=cache)
+        with pytest.raises(ValueError, match="written by another layer"):
+            second(x, cache=cache)
+        assert len(cache) == 3, "a refused call must not write to the cache"
+        first(x, cache=cache, mode="latent")         # the same layer in another latent mode: the same cache
+        cache.reset()
+        torch.testing.assert_close(second(x, cache=cache), second(x))
+    copied = copy.deepcopy(cache)                    # copies and pickles forget the owner
+    assert copied.length == 3 and pickle.loads(pickle.dumps(cache)).length == 3
+    with torch.no_grad():
+        first(torch.randn(1, 1, 64), cache=pickle.loads(pickle.dumps(cache)))
+
+
+def test_memory_refusals_name_the_bytes_and_let_what_fits_through():
+    assert available_memory("cpu") is None or available_memory("cpu") > 2**20
+    assert available_memory("meta") is None
+    check_memory(2**70, "meta", "anything", "")      # meta tensors take no memory: never refused
+    check_memory(1000, "cpu", "a small thing", "")   # below the threshold: not even looked up
+    free = available_memory("cpu")
+    if free is not None:
+        with pytest.raises(MemoryError, match=r"needs .* but cpu has .* free; shrink it"):
+            check_memory(2 * free + 2**30, "cpu", "twice the free memory", "shrink it")
+    cache = KVCache(2, 1000, {"latent": (1, 576)})  # 4.6 MB: allocated as before
+    assert cache.allocated_nbytes == 2 * 1000 * 576 * 4

@@ -253,14 +253,38 @@ def test_bad_input_is_refused_clearly():
         paged_absorbed_attention(q_lat, q_R, pool, bt, sl, -1.0)
     with pytest.raises(ValueError, match="T = 0"):
         paged_absorbed_attention(q_lat[:, :0], q_R[:, :0], pool, bt, sl, 0.1)
-    with pytest.raises(ValueError, match="GB free; use at most"):
+    with pytest.raises(MemoryError, match="free; give the BlockManager at most [0-9,]+ blocks"):
         PagedLatentCache(BlockManager(10**9, 64), 512, 64)
+    with pytest.raises(ValueError, match="device"):
+        PagedLatentCache(m, 32, 8, device="tpu")
     with pytest.raises(ValueError, match="multiple of the scale tile"):
         PagedLatentCache(m, 32, 8, fmt="fp8")
     with pytest.raises(ValueError, match="unknown latent cache format"):
         PagedLatentCache(m, 32, 8, fmt="q6_k")
+    layer, x = MultiHeadLatentAttention(MLAConfig.tiny()), torch.randn(2, 3, 64)
+    with pytest.raises(TypeError, match="integer tensor"):
+        layer.project(x, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\(B, T\) = \(2, 3\)"):
+        layer.project_latent(x, torch.arange(4))
+    with pytest.raises(ValueError, match="input width 32"):
+        MultiHeadAttention(32, 4).project(x, torch.arange(3))
     cache = PagedLatentCache(m, 32, 8)
     with pytest.raises(ValueError, match="must end in"):
         cache.write(0, m.slots(0, 0, 2), torch.zeros(2, 39))
     with pytest.raises(ValueError, match="layer must be"):
         cache.write(1, m.slots(0, 0, 2), torch.zeros(2, 40))
+
+
+def test_rope_takes_one_position_per_sequence_and_token():
+    from mla_tutorial import RotaryEmbedding
+
+    rope = RotaryEmbedding(8)
+    positions = torch.tensor([[0, 1, 2], [63, 64, 65]])
+    cos, sin = rope(positions)
+    assert cos.shape == (2, 3, 4)
+    for b in range(2):
+        torch.testing.assert_close(cos[b], rope(positions[b])[0], atol=0, rtol=0)
+        torch.testing.assert_close(sin[b], rope(positions[b])[1], atol=0, rtol=0)
+    for bad in (positions.float(), positions[None], positions.bool()):
+        with pytest.raises(TypeError, match="integer positions"):
+            rope(bad)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mla_tutorial.quant import (FP8_E4M3_MAX, LATENT_FORMATS, fp8_row_bytes, int6_row_bytes, latent_format,
-                                pack_fp8, pack_int6, pack_int8, unpack_fp8, unpack_int6, unpack_int8)
+                                pack_fp8, pack_fp8_pow2, pack_int6, pack_int8, unpack_fp8, unpack_int6, unpack_int8)
 from mla_tutorial.quant import _pack6, _unpack6
 
 
@@ -29,6 +29,19 @@ def test_fp8_row_is_flashmla_656_bytes_in_order():
     expect = (x[..., :512] / scales.repeat_interleave(128, -1)).to(torch.float8_e4m3fn).float()
     assert torch.equal(codes, expect)
     assert codes.abs().amax(-1).eq(FP8_E4M3_MAX).all(), "each tile's largest value maps to the e4m3 maximum"
+
+
+def test_power_of_two_scales_round_up_and_read_back_with_the_same_layout():
+    x = latents(3, 5)
+    x[0, 0, :128] = 0
+    packed = pack_fp8_pow2(x, 512)
+    scales = packed[..., 512:528].contiguous().view(torch.float32)
+    amax = x[..., :512].unflatten(-1, (4, 128)).abs().amax(-1)
+    assert torch.equal(scales.log2(), scales.log2().round()), "powers of two"
+    floor = (amax / FP8_E4M3_MAX).clamp(min=1e-4)
+    assert (scales >= floor).all() and (scales < 2 * floor).all()
+    assert scales[0, 0, 0] == 2.0**-13, "an all-zero tile: FlashMLA's floor of 1e-4, rounded up"
+    torch.testing.assert_close(unpack_fp8(packed, 512), x, atol=scales.max().item() * 2**-10, rtol=2**-4)
 
 
 @pytest.mark.parametrize("name,qmax", [("fp8", FP8_E4M3_MAX), ("int8", 127), ("int6", 31)])
@@ -74,7 +87,7 @@ def test_int6_packs_four_codes_in_three_bytes():
 
 def test_sizes_of_every_format_at_v3_dims():
     assert {n: f.row_bytes(512, 64) for n, f in LATENT_FORMATS.items()} == {
-        "fp32": 2304, "bf16": 1152, "fp16": 1152, "fp8": 656, "int8": 656, "int6": 442}
+        "fp32": 2304, "bf16": 1152, "fp16": 1152, "fp8": 656, "fp8_pow2": 656, "int8": 656, "int6": 442}
     for name, fmt in LATENT_FORMATS.items():
         assert fmt.pack(latents(2), 512).shape == (2, fmt.row_width(512, 64)), name
 

@@ -107,9 +107,55 @@ def test_parameters_are_validated_and_replaceable():
     with pytest.raises(ValueError):
         rf.deepseek_67b().replace(active_params=1e12)
     with pytest.raises(ValueError):
-        rf.deepseek_v2("gqa")
+        rf.deepseek_v2("mqa")
     assert rf.H800.ridge_flops_per_byte == pytest.approx(989e12 / 3.35e12)
     bf16 = rf.deepseek_67b(weight_bytes_per_param=2.0)
     assert bf16.weight_bytes == 134e9
     with pytest.raises(dataclasses.FrozenInstanceError):
         rf.H800.memory_bytes = 1
+
+
+def test_v2_with_gqa8_isolates_mla_against_the_baselines_own_attention():
+    node = rf.paper_node()
+    gqa = rf.deepseek_v2("gqa")
+    # 67B's attention (8 key/value heads of width 128) in V2's 60 layers, V2's 6-bit cache
+    assert gqa.cache_elements_per_token_per_layer == 2 * 8 * 128 == 2_048
+    assert gqa.cache_bytes_per_token == 2_048 * 60 * 0.75
+    assert gqa.attention_flops_per_cached_token_per_layer == 4 * 128 * 128   # 128 query heads
+    assert (gqa.total_params, gqa.active_params, gqa.weight_bytes_per_param) == (236e9, 21e9, 1.0)
+    assert gqa.name == "DeepSeek-V2 with GQA-8" and rf.deepseek_v2("mha").name == "DeepSeek-V2 with MHA"
+    ratios = {c: (rf.throughput_ratio(rf.deepseek_v2(), gqa, node, c), rf.throughput_ratio(gqa, rf.deepseek_67b(), node, c))
+              for c in (2048, 4096, 8192)}
+    # the two factors multiply to the whole V2 / 67B ratio
+    for c, (mla_part, rest) in ratios.items():
+        assert mla_part * rest == pytest.approx(rf.throughput_ratio(rf.deepseek_v2(), rf.deepseek_67b(), node, c))
+    assert [round(m, 2) for m, _ in ratios.values()] == [1.24, 1.71, 2.11]
+    assert [round(r, 2) for _, r in ratios.values()] == [2.82, 2.82, 2.82]
+    # at short contexts GQA-8 would serve V2 faster: absorbed MLA does ~4x its attention FLOPs
+    assert rf.throughput_ratio(rf.deepseek_v2(), gqa, node, 1024) < 1
+    # against MHA, MLA's factor is large (V2 with MHA is slower than 67B)
+    assert rf.throughput_ratio(rf.deepseek_v2(), rf.deepseek_v2("mha"), node, 4096) == pytest.approx(27.4, abs=0.05)
+    # 67B with BF16 weights: less room for its cache, so the ratio rises
+    assert round(rf.throughput_ratio(rf.deepseek_v2(), rf.deepseek_67b(weight_bytes_per_param=2.0), node, 4096), 2) == 5.55
+    with pytest.raises(ValueError, match="kv_heads"):
+        rf.deepseek_v2("gqa", kv_heads=7)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        rf.deepseek_v3("mqa")
+    assert rf.deepseek_v3("gqa", kv_heads=1).cache_elements_per_token_per_layer == 256
+
+
+def test_v2_decode_is_compute_bound_at_4k_and_the_kernel_rate_matters():
+    node, L = rf.paper_node(), rf.PAPER_CONTEXT
+    v2, old = rf.deepseek_v2(), rf.deepseek_67b()
+    assert v2.weight_flops_per_token == 42e9
+    assert v2.attention_flops_per_token(L) == L * 60 * 278_528          # 68.5 GFLOP: more than the weights'
+    assert v2.flops_per_token(L) == v2.weight_flops_per_token + v2.attention_flops_per_token(L)
+    assert rf.max_throughput(v2, node, L).bound == "compute"
+    slow = rf.Node(dataclasses.replace(rf.H800, peak_flops_per_s=0.6 * rf.H800.peak_flops_per_s))
+    assert rf.max_throughput(old, slow, L).tokens_per_s == rf.max_throughput(old, node, L).tokens_per_s
+    assert rf.max_throughput(v2, slow, L).tokens_per_s == pytest.approx(0.6 * rf.max_throughput(v2, node, L).tokens_per_s)
+
+
+def test_throughput_ratio_needs_a_baseline_that_fits():
+    with pytest.raises(ValueError, match="do not fit"):
+        rf.throughput_ratio(rf.deepseek_v2(), rf.deepseek_v3(), rf.paper_node(), 4096)
