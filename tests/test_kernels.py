@@ -276,6 +276,25 @@ print(os.environ.get("TRITON_INTERPRET"), k.INTERPRETER_SET_BY_PACKAGE, k.triton
 
 
 @needs_triton
+def test_triton_imported_before_the_interpreter_was_set_is_a_clear_error():
+    # torch.utils.flop_counter imports triton; its standard library is then built for a GPU
+    code = """
+import torch.utils.flop_counter, torch
+import mla_tutorial.kernels as k
+from mla_tutorial.quant import TILE
+q, r = torch.zeros(1, 1, 2, 16), torch.zeros(1, 1, 2, 4)
+pool, table, lens = torch.zeros(2, 4, 20), torch.zeros(1, 2, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+try:
+    k.paged_mla_decode(q, r, pool, table, lens, 0.1)
+except k.TritonUnavailableError as err:
+    print("refused:", "set TRITON_INTERPRET=1 in the environment before Python starts" in str(err))
+"""
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU the kernels are compiled, not interpreted")
+    assert _python(code, {"TRITON_INTERPRET": None, "CUDA_VISIBLE_DEVICES": ""}) == "refused: True"
+
+
+@needs_triton
 def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_error(monkeypatch):
     from mla_tutorial.kernels import decode
 

@@ -77,7 +77,22 @@ def _decode_module():
         raise TritonUnavailableError(f"the Triton kernels need Triton, which cannot be imported here ({reason}); "
                                      f"install it with {_INSTALL_HINT}")
     from . import decode  # defines (decorates) the kernels: TRITON_INTERPRET is read now
+    if decode.INTERPRETED and _stdlib_compiled():
+        raise TritonUnavailableError(
+            "Triton was imported before TRITON_INTERPRET=1 was set (torch.utils.flop_counter, for one, imports "
+            "it), so its standard library (tl.max, tl.sum, ...) was built for a GPU and cannot run in the "
+            "interpreter; set TRITON_INTERPRET=1 in the environment before Python starts, or import "
+            "mla_tutorial.kernels before anything that imports triton")
     return decode
+
+
+def _stdlib_compiled() -> bool:
+    """Whether ``triton.language``'s own jitted functions were built for the compiler, not the
+    interpreter (Triton decorates them when it is first imported, reading TRITON_INTERPRET then)."""
+    import triton
+    import triton.language as tl
+
+    return isinstance(tl.standard.max, triton.runtime.JITFunction)
 
 
 def _version(text: str) -> tuple[int, int]:
