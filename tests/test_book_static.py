@@ -270,6 +270,8 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/09_small_mla_lm.ipynb",
+    "notebooks/10_what_compression_costs.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -282,6 +284,8 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/09_small_mla_lm.ipynb",
+    "notebooks/10_what_compression_costs.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
