@@ -1,7 +1,7 @@
 """Numbers in the book's prose come from cells: a static check of the pages' Markdown.
 
 A number that a reader takes as a result (a ratio, a byte count, a time, an error) must be computed
-by a cell and quoted with ``{glue:text}`name:fmt` `` (CONTRIBUTING.md, "Numbers in the text"), so the
+by a cell and quoted with ``{glue:text}`name:fmt` `` (CONTRIBUTING.md, "Notebook conventions": numbers in the text come from cells), so the
 text cannot drift from the code. This test reads every Markdown cell of the pages in GLUED_PAGES and
 flags numbers typed by hand, in this scope:
 
