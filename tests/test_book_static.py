@@ -270,6 +270,8 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/09_small_mla_lm.ipynb",
+    "notebooks/10_what_compression_costs.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -282,6 +284,8 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/09_small_mla_lm.ipynb",
+    "notebooks/10_what_compression_costs.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
@@ -433,3 +437,61 @@ def test_stored_widget_state_is_ipywidgets_8s(notebook):
                   and not str(m.get("model_module_version", "")).startswith("2.")})
     assert not old, (f"{path.name} stores widget state from ipywidgets 7 ({old}); re-execute it "
                      "(make notebooks) in the dev environment, which installs ipywidgets 8")
+
+
+# --- headings and exercises ---------------------------------------------------------------------
+def _numbered_pages() -> list[str]:
+    """Pages in the numbered parts of _toc.yml (their sections are numbered by the build)."""
+    files = [c["file"] for part in TOC.get("parts", []) if part.get("numbered") for c in part["chapters"]]
+    return [f"{f}{s}" for f in files for s in (".ipynb", ".md") if (ROOT / f"{f}{s}").exists()]
+
+
+# Unnumbered pages whose headings are checked as well (the ledger's sections are referred to by name).
+HEADING_CHECKED_PAGES = ["book/claims_ledger.ipynb"]
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*)$", flags=re.M)
+_HAND_NUMBER = re.compile(r"^(\d+(\.\d+)*\.?|[IVX]+\.)[ \t]")  # "1. ", "2.3 ", "IV. "
+
+
+@pytest.mark.parametrize("rel", _numbered_pages() + HEADING_CHECKED_PAGES)
+def test_headings_carry_no_hand_typed_numbers(rel):
+    # The build numbers the sections of numbered parts ("6.2."); a typed number renders twice ("6.2. 2.").
+    units = _markdown_units(ROOT / rel)
+    found = [f"{kind} {i}: {m.group(0)!r}" for i, unit in enumerate(units)
+             for kind in ["Markdown cell" if rel.endswith(".ipynb") else "section"]
+             for m in _HEADING.finditer(_CODE_FENCE.sub("", unit)) if _HAND_NUMBER.match(m.group(2))]
+    assert not found, (f"{rel}: headings with a typed number (the build numbers them; refer to a section "
+                       "with a label and {numref}):\n  " + "\n  ".join(found))
+
+
+# Chapters whose exercises use sphinx-exercise (CONTRIBUTING.md, "Exercises"); add each new chapter.
+EXERCISE_PAGES = [f"notebooks/{name}" for name in (
+    "01_attention.ipynb", "02_kv_cache.ipynb", "03_mqa_gqa.ipynb", "04_latent_compression.ipynb",
+    "05_weight_absorption.ipynb", "06_decoupled_rope.ipynb", "07_deepseek_v3_layer.ipynb",
+    "08_six_times_faster.ipynb", "09_small_mla_lm.ipynb", "10_what_compression_costs.ipynb",
+    "12_serving_mla.ipynb")]
+_EXERCISE = re.compile(r"^`{3,}\{exercise\}[^\n]*\n:label: (\S+)", flags=re.M)
+_SOLUTION = re.compile(r"^`{3,}\{solution(?:-start)?\} (\S+)\n((?::[\w-]+:[^\n]*\n)*)", flags=re.M)
+
+
+@pytest.mark.parametrize("rel", EXERCISE_PAGES)
+def test_chapter_exercises_are_numbered_with_hidden_solutions(rel):
+    path = ROOT / rel
+    if not path.exists():
+        pytest.skip(f"{rel} does not exist")
+    text = "\n".join(_markdown_units(path))
+    labels = _EXERCISE.findall(text)
+    solutions = {label: options for label, options in _SOLUTION.findall(text)}
+    number = path.name[:2]
+    problems = [f"label {label!r} should be ex-{number}-<name>" for label in labels
+                if not re.fullmatch(rf"ex-{number}-[a-z0-9-]+", label)]
+    problems += [f"exercise {label} has no solution" for label in labels if label not in solutions]
+    problems += [f"solution for {label}, which no exercise on the page has" for label in solutions
+                 if label not in labels]
+    problems += [f"the solution of {label} is not hidden (:class: dropdown)" for label, options
+                 in solutions.items() if "dropdown" not in options]
+    if re.search(r"\{admonition\} Solution", text):
+        problems.append("a solution written as an admonition; use {solution} (CONTRIBUTING.md)")
+    if not labels:
+        problems.append("no {exercise}: the chapter should end with exercises")
+    assert len(labels) == len(set(labels)), f"{rel}: an exercise label is used twice: {labels}"
+    assert not problems, f"{rel}:\n  " + "\n  ".join(problems)

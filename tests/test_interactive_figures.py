@@ -271,3 +271,38 @@ def test_absorb_crossover_flops_match_a_flop_counter(page):
         assert float(shown["difference"]["value"]) == measured[True, T] - measured[False, T], (T, shown, measured)
         assert shown["choice"]["value"] == ("absorbed" if switch.uses_absorbed_path(T, S) else "expanded")
     assert shown_by_T[4]["choice"]["value"] == "absorbed" and shown_by_T[32]["choice"]["value"] == "expanded"
+
+
+# --- the figures embedded in the chapters ------------------------------------------------------------
+def _open_figure_page(server, driver, rel: str, kind: str):
+    driver.get(f"{server}/{rel}.html")
+    deadline = time.monotonic() + 20
+    ready = f"return document.querySelectorAll('.interactive-figure[data-figure=\"{kind}\"][data-ready]').length"
+    while driver.execute_script(ready) < 1:
+        assert time.monotonic() < deadline, f"the {kind} figure on {rel} was not drawn"
+        time.sleep(0.1)
+    return lambda **values: driver.execute_script(SET_AND_READ, kind, [[k.replace("__", ":"), v]
+                                                                       for k, v in values.items()])
+
+
+def test_chapter_05_absorb_crossover_moves(server, driver):
+    set_and_read = _open_figure_page(server, driver, "notebooks/05_weight_absorption", "absorb-crossover")
+    layer = _narrow(MLAConfig.deepseek_v3())
+    for S, T in ((4096, 16), (4096, 512)):
+        shown = set_and_read(preset="DeepSeek-V3", S=S, T=T)
+        assert shown["choice"]["value"] == ("absorbed" if layer.uses_absorbed_path(T, S) else "expanded"), shown
+        assert shown["crossover"]["value"] == str(_crossover(layer, S)), shown["crossover"]
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, f"console errors on chapter 05: {errors}"
+
+
+def test_chapter_06_yarn_ramp_moves(server, driver):
+    set_and_read = _open_figure_page(server, driver, "notebooks/06_decoupled_rope", "yarn-ramp")
+    v3 = MLAConfig.deepseek_v3()
+    problems = _check_yarn(set_and_read(preset="DeepSeek-V3"), v3)
+    shown = set_and_read(slider__factor=8)
+    assert shown["controls"]["factor"] == "8", shown["controls"]
+    problems += _check_yarn(shown, v3.replace(rope_scaling={**v3.rope_scaling, "factor": 8}))
+    assert not problems, "\n  ".join(problems)
+    errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, f"console errors on chapter 06: {errors}"
