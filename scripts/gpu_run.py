@@ -28,9 +28,9 @@ On a GPU it
    the total, and the chapters' records. Chapters 07
    and 08 show the newest such file beside the reader's own run. Commit it.
 
-The whole run's plan (`--dry-run` prints it) fits `--budget-s`: on an H100 or H200 the two
-benchmarks take about three minutes and the notebooks the rest. A notebook is started only if the
-time left is at least its budget (`sizing.time_budget_s`: 60 s
+The whole run fits `--budget-s` (`--dry-run` prints the plan): the two benchmarks first, the
+kernel benchmark within its share, then the notebooks in the time left. A notebook is started only
+if the time left is at least its budget (`sizing.time_budget_s`: 60 s
 on an H100-class GPU, 180 s on a T4-class one); the others are listed as not run. Without a CUDA
 GPU the script refuses to start, unless `--dry-run` or `--tiny` is given.
 """

@@ -1,6 +1,6 @@
 """Benchmark of the fused decode kernel on a GPU, against PyTorch, in one run of a few minutes.
 
-    python -m mla_tutorial.kernels.bench                     # a CUDA GPU: the whole sweep, <= 5 minutes
+    python -m mla_tutorial.kernels.bench                     # a CUDA GPU: the sweep, no new case after --budget-s
     python -m mla_tutorial.kernels.bench --tiny              # anywhere: tiny sizes (the interpreter on a CPU)
 
 With DeepSeek-V3's attention dims (128 heads, d_c = 512, d_h_R = 64) and one new token per
