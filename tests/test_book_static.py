@@ -272,6 +272,7 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/12_serving_mla.ipynb",
     "notebooks/09_small_mla_lm.ipynb",
     "notebooks/10_what_compression_costs.ipynb",
+    "notebooks/13_triton_decode_kernel.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -286,6 +287,7 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/12_serving_mla.ipynb",
     "notebooks/09_small_mla_lm.ipynb",
     "notebooks/10_what_compression_costs.ipynb",
+    "notebooks/13_triton_decode_kernel.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when

@@ -5,6 +5,9 @@ benchmark's summary shows readers.
   plan for a named GPU; ``--tiny`` runs the whole pipeline at tiny sizes on the CPU (the tiny
   benchmark and one notebook), writing the executed copy and the results JSON to a folder of its
   own and leaving the committed notebook untouched.
+- The default plan fits the device time of an H100 or H200 (10 minutes); the kernel benchmark runs
+  within its share where Triton compiles for a GPU with bf16 matmuls (the interpreter's smoke run
+  with ``--tiny``), is skipped with a recorded reason elsewhere, and a failure is recorded, not raised.
 - Chapters record their figures only when ``$MLA_RECORD_DIR`` is set; the newest GPU run is
   found among recorded results, and "no GPU run yet" is a clear ``None``.
 - A results summary carries no maintainers' targets, and the text report prints none.
@@ -16,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -23,9 +27,11 @@ import pytest
 import torch
 
 from mla_tutorial import bench, records
+from mla_tutorial.kernels import kernels_unavailable_reason
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_run.py"
+KERNELS_UNAVAILABLE = kernels_unavailable_reason()
 
 
 def _script():
@@ -58,9 +64,61 @@ def test_dry_run_prints_the_plan_for_a_named_gpu(monkeypatch, capsys):
     assert sorted(listed) == book and len(listed) == len(set(listed))
 
 
+@pytest.mark.parametrize("gpu, memory_gb", [("NVIDIA H100 80GB HBM3", 80), ("NVIDIA H200", 141)])
+def test_default_plan_fits_the_device_time_on_an_h100_or_h200(monkeypatch, capsys, gpu, memory_gb):
+    # one GPU is lent for 15 minutes in all, start-up included: the default run must stay within 10
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _script().main(["--dry-run", "--assume", gpu, "--assume-memory-gb", str(memory_gb)]) == 0
+    out = capsys.readouterr().out
+    whole = re.search(r"the whole run: at most (\d+) s .*?kernel benchmark \(at most (\d+) s\), then the notebooks "
+                      r"\((\d+) s left for them\)", out)
+    assert whole, out
+    total, kernel, notebooks = map(int, whole.groups())
+    assert total <= 600 and 0 < kernel < total and notebooks >= 5 * 60, out
+    assert "kernel benchmark: batches [1, 8, 32, 64, 128] x contexts [1024, 4096, 16384, 32768]" in out
+
+
+def test_kernel_benchmark_is_skipped_with_a_reason(monkeypatch, tmp_path):
+    from mla_tutorial import kernels
+
+    gpu_run = _script()
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "kernels_unavailable_reason", lambda: "Triton cannot be imported (ImportError)")
+    row = gpu_run.run_kernel_bench(cuda, False, 120.0, tmp_path / "k.json", {}, log=lambda *a: None)
+    assert row["status"] == "skipped" and "Triton cannot be imported" in row["reason"]
+    monkeypatch.setattr(kernels, "kernels_unavailable_reason", lambda: None)
+    monkeypatch.setattr(kernels, "triton_mode", lambda: "interpreter")
+    assert "TRITON_INTERPRET" in gpu_run.kernel_bench_skip_reason(cuda, tiny=False)
+    monkeypatch.setattr(kernels, "triton_mode", lambda: "compiled")        # a fake GPU without bf16 matmuls
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert "compute capability 8.0" in gpu_run.kernel_bench_skip_reason(cuda, tiny=False)
+    assert "interpreter" in gpu_run.kernel_bench_skip_reason(torch.device("cpu"), tiny=True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    assert gpu_run.kernel_bench_skip_reason(cuda, tiny=False) is None
+    row = gpu_run.run_kernel_bench(cuda, False, 10.0, tmp_path / "k.json", {}, log=lambda *a: None)
+    assert row["status"] == "skipped" and "10 s left" in row["reason"]
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_a_failing_kernel_benchmark_is_recorded_not_raised(monkeypatch, tmp_path):
+    from mla_tutorial.kernels import bench as kernel_bench
+
+    def broken(**kwargs):
+        raise RuntimeError("no tile configuration ran")
+
+    gpu_run = _script()
+    monkeypatch.setattr(gpu_run, "kernel_bench_skip_reason", lambda device, tiny: None)
+    monkeypatch.setattr(kernel_bench, "run_kernel_benchmark", broken)
+    row = gpu_run.run_kernel_bench(torch.device("cuda"), False, 120.0, tmp_path / "k.json", {}, log=lambda *a: None)
+    assert row["status"] == "error" and "no tile configuration ran" in row["error"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--notebooks", "notebooks/no_such_chapter.ipynb"], "no such notebook"),
     (["--tiny", "--budget-s", "0"], "--budget-s must be positive"),
+    (["--tiny", "--kernel-bench-s", "-1"], "--kernel-bench-s must lie in"),
+    (["--tiny", "--budget-s", "60", "--kernel-bench-s", "120"], "--kernel-bench-s must lie in"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -89,6 +147,16 @@ def test_tiny_run_writes_copies_and_results_and_leaves_the_book_alone(tmp_path):
     assert row["notebook"] == "book/claims_ledger.ipynb" and row["status"] == "ok" and row["seconds"] > 0
     assert {r["mode"] for r in data["decode"]} == {"mha", "absorbed"} and "targets" not in data["summary"]
     assert records.latest_gpu_run([data]) is None, "a CPU run is not a GPU run"
+    kernel = run["kernel_benchmark"]
+    if KERNELS_UNAVAILABLE is not None:
+        assert kernel["status"] == "skipped" and kernel["reason"] == KERNELS_UNAVAILABLE
+    else:   # the interpreter's smoke run, written where a GPU run's JSON goes (here: under --out-dir)
+        assert kernel["status"] == "ok" and kernel["kind"] == "smoke" and kernel["all_checks_ok"], kernel
+        (saved,) = (tmp_path / "kernels").glob("tiny-cpu-*.json")
+        smoke = json.loads(saved.read_text())
+        assert smoke["kind"] == "smoke" and smoke["gpu_run"] == run["run"] and smoke["command"] == data["command"]
+        assert smoke["device"]["name"] and smoke["torch"] == torch.__version__ and smoke["triton"] == run["triton"]
+        assert "target" not in saved.read_text().lower()
 
 
 def test_chapters_record_only_when_asked(tmp_path, monkeypatch):

@@ -305,19 +305,23 @@ def test_compiled_kernels_refuse_cpu_tensors_with_a_clear_error(monkeypatch):
 
 # --- the benchmark script, at tiny sizes -----------------------------------------------------------------
 @needs_triton
-def test_benchmark_script_runs_and_records_what_the_chapter_reads(tmp_path):
+def test_benchmark_script_runs_and_records_what_the_chapter_reads(tmp_path, capsys):
     from mla_tutorial.kernels import bench
     from mla_tutorial.quant import fp8_row_bytes
 
     out = tmp_path / "r.json"
     result = bench.main(["--tiny", "--out", str(out), "--quiet", "--device", str(DEVICE)])
+    # what a reader sees, the printed table and the JSON, has measurements and no pass/fail targets
+    assert "target" not in capsys.readouterr().out.lower() and "target" not in out.read_text().lower()
+    assert not any(name.startswith("TARGET") for name in vars(bench))
     saved = json.loads(out.read_text())
     assert saved["summary"] == result["summary"] and saved["command"].endswith(f"--device {DEVICE}")
     assert {"date", "device", "torch", "triton", "machine", "checks", "tuning", "chosen", "rows"} <= set(saved)
     assert saved["torch"] == torch.__version__ and saved["device"]["name"]
     assert saved["kind"] == ("gpu" if DEVICE.type == "cuda" else "smoke")
     if saved["kind"] == "smoke":
-        assert "not a measurement" in saved["note"] and not any("target_met" in r for r in saved["rows"])
+        assert "not a measurement" in saved["note"] and not any(k.startswith("speedup") for k in saved["summary"])
+        assert not any("fraction_of_bound" in r for r in saved["rows"]), "no rates from the interpreter's timings"
     assert all(c["ok"] for c in saved["checks"]), saved["checks"]
     s = bench.TINY
     for r in saved["rows"]:
@@ -333,14 +337,13 @@ def test_benchmark_script_runs_and_records_what_the_chapter_reads(tmp_path):
     machine = saved["machine"]
     as_gpu = {**saved, "kind": "gpu", "rows": [dict(r) for r in saved["rows"]]}
     for r in as_gpu["rows"]:
-        bench._rate(r, machine["bandwidth_bytes_per_s"], machine["peak_flops_per_s"], judge=True)
+        if "median_s" in r:
+            bench._rate(r, machine["bandwidth_bytes_per_s"], machine["peak_flops_per_s"])
     table = bench.format_kernel_results(as_gpu)
-    assert "measured peaks" in table and "GB/s" in table and "met" not in table, "the chapter's table has no targets"
-    table = bench.format_kernel_results(as_gpu, targets=True)
-    assert "not met" in table or " met" in table
+    assert "measured peaks" in table and "GB/s" in table and "of BW" in table
     summary = bench.summarize(as_gpu)
-    assert summary["triton_bf16"]["target_met"] <= summary["triton_bf16"]["cases"] == len(s["batches"]) * len(
-        s["contexts"])
+    assert summary["triton_bf16"]["cases"] == len(s["batches"]) * len(s["contexts"])
+    assert 0 < summary["triton_bf16"]["median_fraction_of_bound"] and summary["all_checks_ok"]
 
 
 def test_full_benchmark_refuses_to_run_without_a_gpu():
