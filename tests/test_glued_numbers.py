@@ -62,6 +62,7 @@ GLUED_PAGES = [
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/09_small_mla_lm.ipynb",
     "notebooks/10_what_compression_costs.ipynb",
+    "notebooks/13_triton_decode_kernel.ipynb",
     "book/claims_ledger.ipynb",
     "book/explorer.md",
     "book/find_the_bug.ipynb",
@@ -71,7 +72,6 @@ GLUED_PAGES = [
 NOT_YET_GLUED = {
     "notebooks/11_converting_to_mla.ipynb": "being written",
     "notebooks/12_serving_mla.ipynb": "being written",
-    "notebooks/13_triton_decode_kernel.ipynb": "being written",
 }
 # Pages where every number of two or more digits counts (the book's headline claims).
 CLAIM_PAGES = {"book/intro.md", "book/claims_ledger.ipynb"}
@@ -84,6 +84,8 @@ SOURCE_FIGURES = {
     "671", "37",         # DeepSeek-V3's 671B parameters, 37B active
     "65,504",            # fp16's largest finite number (torch.finfo(torch.float16).max)
     "2,560",             # MiniCPM3-4B's hidden size, from its published config.json
+    "132",               # an H100 SXM's streaming multiprocessors (NVIDIA's datasheet)
+    "865",               # FlashMLA's write-up: an H800's practical bf16 peak under clock throttling, TFLOPS
 }
 
 
