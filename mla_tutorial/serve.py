@@ -202,6 +202,8 @@ class Engine:
         self.finished: list[RequestResult] = []
         self.steps = self.preemptions = self.max_seen = 0
         self._submitted = 0
+        #: per step: (sequences decoded, their cached tokens in all, lengths of the prefills)
+        self.log: list[tuple[int, int, list[int]]] = []
 
     def __repr__(self) -> str:
         return (f"Engine({self.model.config.label}, {self.cache!r}, {len(self.running)} running, "
@@ -288,6 +290,8 @@ class Engine:
             self._emit([seq], self._prefill(seq), clock)
         if decoding:
             self._emit(decoding, self._decode(decoding), clock)
+        self.log.append((len(decoding), sum(m.seq_len(s.result.request_id) for s in decoding),
+                         [m.seq_len(s.result.request_id) for s in new]))
         self.running = decoding + new
         self.max_seen = max(self.max_seen, len(self.running))
         done = [s for s in self.running if s.done]
