@@ -20,7 +20,8 @@ with the tokens it has generated, to be prefilled again (prompt and generated to
 is room (vLLM's default policy for a full pool).
 
 Under greedy decoding each request's tokens are those ``model.generate([prompt], n)`` gives it
-alone (up to float rounding, which tests and the chapter check does not change a token).
+alone (the engine computes in another order, so the logits may differ by float rounding; the tests and
+the chapter check that this changes no token of their models).
 Everything else about a run (when each token came out, how many requests ran at once) is in the
 :class:`ServeReport`. The trace and the measurements are in :mod:`mla_tutorial.serve_bench`;
 ``python -m mla_tutorial.serve`` runs them.
