@@ -216,37 +216,38 @@ class Engine:
         c = self.model.config
         if not isinstance(request, Request):
             raise TypeError(f"Engine.submit takes a Request(prompt, max_new_tokens, ...), got {type(request).__name__}")
+        who = "request" if request.request_id is None else f"request {request.request_id!r}"
         prompt = request.prompt
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-            raise TypeError(f"request {request.request_id!r}: the prompt must be a list of token ids, got "
+            raise TypeError(f"{who}: the prompt must be a list of token ids, got "
                             f"{type(prompt).__name__} (encode text first, e.g. mla_tutorial.data.encode)")
         if len(prompt) == 0:
-            raise ValueError(f"request {request.request_id!r}: the prompt is empty; give at least one token")
+            raise ValueError(f"{who}: the prompt is empty; give at least one token")
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < c.vocab_size for t in prompt):
-            raise ValueError(f"request {request.request_id!r}: prompt token ids must be ints in [0, {c.vocab_size})")
+            raise ValueError(f"{who}: prompt token ids must be ints in [0, {c.vocab_size})")
         n = request.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"request {request.request_id!r}: max_new_tokens must be a positive int, got {n!r}")
+            raise ValueError(f"{who}: max_new_tokens must be a positive int, got {n!r}")
         total = len(prompt) + n
         if total > c.max_seq_len:
-            raise ValueError(f"request {request.request_id!r}: {len(prompt)} prompt tokens + {n} new tokens = {total} "
+            raise ValueError(f"{who}: {len(prompt)} prompt tokens + {n} new tokens = {total} "
                              f"exceed the model's context (max_seq_len={c.max_seq_len}); ask for at most "
                              f"{max(c.max_seq_len - len(prompt), 0)} new tokens")
         if not self.manager.can_ever_hold(total):
-            raise ValueError(f"request {request.request_id!r}: {total} tokens need {self.manager.blocks_for(total)} "
+            raise ValueError(f"{who}: {total} tokens need {self.manager.blocks_for(total)} "
                              f"blocks of {self.manager.block_size}, and the whole pool has {self.manager.num_blocks}: "
                              f"it could never run; shorten it or give the engine more blocks")
         if request.sample and not (isinstance(request.temperature, (int, float)) and request.temperature > 0):
-            raise ValueError(f"request {request.request_id!r}: sampling needs temperature > 0, got "
+            raise ValueError(f"{who}: sampling needs temperature > 0, got "
                              f"{request.temperature!r}; for greedy decoding use sample=False")
         k = request.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"request {request.request_id!r}: top_k must be a positive int or None, got {k!r}")
+            raise ValueError(f"{who}: top_k must be a positive int or None, got {k!r}")
         if isinstance(request.arrival, bool) or not isinstance(request.arrival, (int, float)) \
                 or not math.isfinite(request.arrival) or request.arrival < 0:
-            raise ValueError(f"request {request.request_id!r}: arrival must be a finite time >= 0, got "
+            raise ValueError(f"{who}: arrival must be a finite time >= 0, got "
                              f"{request.arrival!r}")
 
     def submit(self, request: Request, now: float | None = None) -> RequestResult:

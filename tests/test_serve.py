@@ -10,6 +10,8 @@ from mla_tutorial import serve_bench as sb
 from mla_tutorial.model import LMConfig, TransformerLM
 from mla_tutorial.serve import Engine, Request
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KINDS = {"mha": {}, "gqa": {"n_kv_heads": 2}, "mqa": {}, "mla": {}}
 
 
