@@ -187,3 +187,15 @@ def test_quant_agreement_structure_and_the_float_pool_agrees_with_itself():
 def test_cli_refuses_an_unknown_suite():
     with pytest.raises(SystemExit, match="unknown suites"):
         sb.main(["--suites", "nope", "--no-progress"])
+
+
+def test_step_log_counts_every_token_and_the_replayed_roofline_is_positive():
+    m = model("gqa")
+    engine = Engine(m, num_blocks=8, block_size=4)
+    report = engine.run(trace(8))
+    assert len(engine.log) == report.steps
+    assert sum(b + len(p) for b, _, p in engine.log) == report.generated_tokens   # one token per decode or prefill
+    assert sum(len(p) for _, _, p in engine.log) == len(report.served) + report.preemptions
+    node = sb.measure_node(repeats=1)
+    t = sb.replay_time(m, node, engine.log, sb.pool_bytes_per_token(m))
+    assert t > 0 and sb.replay_time(m, node, engine.log[:1], sb.pool_bytes_per_token(m)) < t
