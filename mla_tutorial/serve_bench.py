@@ -337,15 +337,17 @@ def _run_bench(suites: Sequence[str], seed: int, progress: bool, note: str, quan
 
 def format_suite(models: dict[str, Any]) -> str:
     """A table of one suite's measurements."""
+    roof = all("roofline" in s for s in models.values())
     lines = [f"{'model':<6} {'B/token':>8} {'pool tok':>8} {'tok/s':>7} {'max run':>7} {'preempt':>7} "
-             f"{'TTFT p50':>8} {'p99':>6} {'ITL p50':>8} {'p99':>6}  roofline tok/s"]
+             f"{'TTFT p50':>8} {'p99':>6} {'ITL p50':>8} {'p99':>6}" + ("  roofline tok/s" if roof else "")]
     for label, s in models.items():
-        pred = s.get("roofline", {})
-        lines.append(f"{label:<6} {s['bytes_per_token']:>8,} {s['pool_tokens']:>8,} {s['tokens_per_s']:>7.1f} "
-                     f"{s['max_running']:>7} {s['preemptions']:>7} {s['ttft_p50_s']:>8.3f} {s['ttft_p99_s']:>6.2f} "
-                     f"{s['itl_p50_s'] * 1e3:>6.1f}ms {s['itl_p99_s'] * 1e3:>4.0f}ms  "
-                     f"{pred.get('tokens_per_s', float('nan')):,.0f} ({pred.get('bound', '?')}), replayed "
-                     f"{s.get('roofline_replay', {}).get('tokens_per_s', float('nan')):,.0f}")
+        line = (f"{label:<6} {s['bytes_per_token']:>8,} {s['pool_tokens']:>8,} {s['tokens_per_s']:>7.1f} "
+                f"{s['max_running']:>7} {s['preemptions']:>7} {s['ttft_p50_s']:>8.3f} {s['ttft_p99_s']:>6.2f} "
+                f"{s['itl_p50_s'] * 1e3:>6.1f}ms {s['itl_p99_s'] * 1e3:>4.0f}ms")
+        if roof:
+            line += (f"  {s['roofline']['tokens_per_s']:,.0f} ({s['roofline']['bound']}), replayed "
+                     f"{s['roofline_replay']['tokens_per_s']:,.0f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
