@@ -256,6 +256,8 @@ class Engine:
         prompt = [int(t) for t in (request.prompt.tolist() if isinstance(request.prompt, torch.Tensor)
                                    else request.prompt)]
         rid = self._submitted if request.request_id is None else request.request_id
+        if any(s.result.request_id == rid for s in (*self.waiting, *self.running)):
+            raise ValueError(f"request id {rid!r} is already waiting or running; give each request its own id")
         request = dataclasses.replace(request, prompt=prompt, request_id=rid)
         self._submitted += 1
         gen = None

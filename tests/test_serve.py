@@ -118,6 +118,14 @@ def test_bad_requests_raise_at_submission_and_change_nothing(request_, error, ma
     assert engine.idle and engine.manager.num_free == 8
 
 
+def test_a_request_id_in_use_is_refused():
+    engine = Engine(model("mla"), num_blocks=8, block_size=4)
+    engine.submit(Request([1, 2], 3, request_id="a"))
+    with pytest.raises(ValueError, match="already waiting or running"):
+        engine.submit(Request([3], 3, request_id="a"))
+    assert len(engine.waiting) == 1
+
+
 def test_bad_requests_are_reported_rejected_and_the_rest_are_served():
     m = model("mha")
     good = trace(5)
