@@ -841,6 +841,29 @@ for name, kwargs, match in [
     row(f"TrainConfig {name}", "TrainConfig", lambda kwargs=kwargs: TrainConfig(**kwargs), ValueError, match)
 
 
+# --- the serving engine (chapter 12) ---------------------------------------------------------------------
+def _engine(**kw: Any):
+    from mla_tutorial.model import LMConfig, TransformerLM
+    from mla_tutorial.serve import Engine
+    torch.manual_seed(0)
+    return Engine(TransformerLM(LMConfig(attention="mla", max_seq_len=64)), **{"num_blocks": 4, "block_size": 4, **kw})
+
+
+def _submit(prompt: Any, n: int):
+    from mla_tutorial.serve import Request
+    return lambda: _engine().submit(Request(prompt, n))
+
+
+for _name, _call, _match in [
+    ("Engine empty prompt", _submit([], 4), r"prompt is empty; give at least one token"),
+    ("Engine max_new_tokens 0", _submit([1, 2], 0), r"max_new_tokens must be a positive int"),
+    ("Engine request past the pool", _submit([1] * 20, 4), r"could never run; shorten it or give the engine more blocks"),
+    ("Engine request past the context", _submit([1] * 60, 8), r"ask for at most 4 new tokens"),
+    ("Engine unknown quantization", lambda: _engine(kv_format="fp4"), r"unknown latent cache format .*choose one of"),
+]:
+    row(_name, "Engine", _call, ValueError, _match)
+
+
 @contextlib.contextmanager
 def alarm(seconds: int):
     """Fail a row that hangs instead of blocking the suite (where SIGALRM exists)."""
