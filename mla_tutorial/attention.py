@@ -130,19 +130,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     _check_attention_args(q, k, v, scale, causal, key_mask)
     B, Hq, T, Dk = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    masked = key_mask is not None or (causal and T > 1)
-    if masked:
+    out = _attention(q, k, v, scale, causal, key_mask)
+    if (key_mask is not None or (causal and T > 1)) and not torch.isfinite(out).all():
         # 0 · NaN is NaN: a non-finite key or value would reach the outputs of queries that may not
-        # see it through the zero in their softmax row. Zero such entries, then mark as NaN the
-        # outputs of the queries that may see one.
+        # see it through the zero in their softmax row. Checked on the (small) output, so the common
+        # case costs nothing; then zero such entries, and mark as NaN the outputs of the queries
+        # that may see one.
         bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))               # (B, Hkv, S)
         if bad.any():
             k, v = k.masked_fill(bad[..., None], 0), v.masked_fill(bad[..., None], 0)
-            out = attention(q, k, v, scale, causal, key_mask)
+            out = _attention(q, k, v, scale, causal, key_mask)
             allowed = _allowed(B, T, S, causal, key_mask, q.device)                   # (B or 1, 1, T, S)
             sees_bad = (allowed & bad[:, :, None, :]).any(-1)                         # (B, Hkv, T)
             g = Hq // Hkv
             return out.view(B, Hkv, g, T, Dv).masked_fill(sees_bad[:, :, None, :, None], float("nan")).view_as(out)
+    return out
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`attention` on checked inputs, without the guard against non-finite hidden keys."""
+    B, Hq, T, Dk = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    masked = key_mask is not None or (causal and T > 1)
     if key_mask is None and T > 1 and T == S and q.device.type != "mps":
         # Plain prefill: PyTorch's fused kernel never materialises the (T, S) score matrix.
         if q.device.type == "cpu" and Dv != Dk and B * Hq * T * S >= _CPU_PAD_MIN_SCORES:

@@ -203,9 +203,8 @@ class BlockManager:
         if not 0 <= start <= stop <= self.seq_len(seq_id):
             raise ValueError(f"BlockManager.slots: positions [{start}, {stop}) are outside sequence {seq_id!r}'s "
                              f"{self._lens[seq_id]} tokens")
-        pos = torch.arange(start, stop)
-        table = torch.tensor(self._tables[seq_id] or [0], dtype=torch.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        table, size = self._tables[seq_id], self.block_size   # plain ints: a decode step asks for one slot
+        return torch.tensor([table[p // size] * size + p % size for p in range(start, stop)], dtype=torch.int64)
 
     def last_slots(self, seq_ids: Sequence[Hashable], num_tokens: int) -> torch.Tensor:
         """(B, num_tokens) slots of each sequence's last ``num_tokens`` tokens (this step's new ones)."""

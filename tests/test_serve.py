@@ -207,3 +207,32 @@ def test_step_log_counts_every_token_and_the_replayed_roofline_is_positive():
     node = sb.measure_node(repeats=1)
     t = sb.replay_time(m, node, engine.log, sb.pool_bytes_per_token(m))
     assert t > 0 and sb.replay_time(m, node, engine.log[:1], sb.pool_bytes_per_token(m)) < t
+
+
+# --- the engine's overhead benchmark (timings are printed and recorded, never asserted) -----------
+def test_overhead_benchmark_times_the_same_batch_both_ways():
+    from mla_tutorial.serve_overhead import engine_overhead, format_overhead
+
+    r = engine_overhead(model("mla"), batch=3, context=5, steps=2, block_size=4)
+    assert r["model_step_s"] > 0 and r["engine_step_s"] > 0
+    assert r["overhead"] == pytest.approx(1 - r["model_step_s"] / r["engine_step_s"])
+    assert "MLA" in format_overhead({"suites": {"tiny": {"MLA": r}}})
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batch=0), r"batch must be an int >= 1"),
+    (dict(context=200), r"exceed the model's context"),
+    (dict(steps=1.5), r"steps must be an int >= 1"),
+])
+def test_overhead_benchmark_refuses_bad_settings(kw, match):
+    from mla_tutorial.serve_overhead import engine_overhead
+
+    with pytest.raises(ValueError, match=match):
+        engine_overhead(model("mla"), **kw)
+
+
+def test_overhead_run_refuses_an_unknown_suite():
+    from mla_tutorial.serve_overhead import run_overhead
+
+    with pytest.raises(ValueError, match=r"unknown suites \['v4'\]"):
+        run_overhead(["v4"])
