@@ -20,8 +20,8 @@ shared by every head.
   per key/value head as RoPE (chosen by their contribution to the scores, or the highest or the
   lowest frequencies), drop RoPE from the other dimensions, and factor those keys jointly with
   the values, ``[W_K,nope; W_V] ≈ U D``, by a truncated SVD to rank ``d_c`` (``W_DKV = D``,
-  ``W_UK`` and ``W_UV`` from ``U``), optionally whitened by the layer's input covariance so the
-  factorisation minimises the error on real activations rather than on the weights.
+  ``W_UK`` and ``W_UV`` from ``U``), optionally whitened by the layer's inputs' second moment so
+  the factorisation minimises the error on real activations rather than on the weights.
   Works on GQA layers too (MHA is ``n_kv = n_h``).
 * :func:`mean_pool_kv`: the GQA baseline at a given cache (Ainslie et al. 2023's mean-pooled heads).
 * :func:`convert_model`: a whole :class:`~mla_tutorial.model.TransformerLM`, layer by layer.
@@ -153,40 +153,42 @@ def _build(attn: MultiHeadAttention, pairs: torch.Tensor, down: torch.Tensor, up
                        kv_lora_rank=d_c, qk_nope_head_dim=d_nope, qk_rope_head_dim=d_R, v_head_dim=d_h,
                        num_hidden_layers=1, rope_scaling=None, rope_interleave=False, kv_norm=False,
                        rope_frequencies=freqs.tolist(), name=f"MLA from {attn.num_kv_heads} KV heads")
-    W_Q, W_K, W_O = (getattr(attn, n).weight.detach().double().cpu() for n in ("W_Q", "W_K", "W_O"))
+    # Copies are exact in any precision; the SVD's factors arrive in fp64 and are rounded once.
+    work = torch.promote_types(attn.W_Q.weight.dtype, torch.float32)
+    W_Q, W_K, W_O = (getattr(attn, n).weight.detach().cpu() for n in ("W_Q", "W_K", "W_O"))
     d_model = attn.hidden_size
     # MLA scales scores by 1/sqrt(d_nope + d_R), the source by 1/sqrt(d_h): fold the difference into q.
     q_gain = math.sqrt(d_nope + d_R) / math.sqrt(d_h)
     rope_dims = torch.cat([pairs, pairs + half], dim=1)                                 # (n_kv, 2r): (j, j + d_h/2)
     nope_dims = [[d for d in range(d_h) if d not in set(rope_dims[g].tolist())] for g in range(n_kv)]
 
-    W_KR = torch.zeros(d_R, d_model, dtype=torch.float64)
-    W_QR = torch.zeros(n_h, d_R, d_model, dtype=torch.float64)
-    W_UQ = torch.zeros(n_h, d_nope, d_model, dtype=torch.float64)
-    for g in range(n_kv):
-        slots = torch.cat([g * r + torch.arange(r), d_R // 2 + g * r + torch.arange(r)])  # k_R dims of head g
-        W_KR[slots] = W_K[g * d_h + rope_dims[g]]
-        for h in range(g * group, (g + 1) * group):
-            W_QR[h, slots] = W_Q[h * d_h + rope_dims[g]] * q_gain                       # zeros outside g's slots
-            if d_nope_real:
-                W_UQ[h] = W_Q[h * d_h + torch.tensor(nope_dims[g])] * q_gain
-    up = up.double()
-    n_key_rows = n_kv * d_nope_real
-    W_UK = torch.zeros(n_h, d_nope, d_c, dtype=torch.float64)
-    W_UV = torch.empty(n_h, d_h, d_c, dtype=torch.float64)
-    for h in range(n_h):
-        g = h // group
-        if d_nope_real:
-            W_UK[h] = up[g * d_nope_real:(g + 1) * d_nope_real]
-        W_UV[h] = up[n_key_rows + g * d_h:n_key_rows + (g + 1) * d_h]
-
-    layer = MultiHeadLatentAttention(config, mode=mode)
-    dtype, device = attn.W_Q.weight.dtype, attn.W_Q.weight.device
+    with torch.device("meta"):  # shapes only: every weight is written below, none is initialised
+        layer = MultiHeadLatentAttention(config, mode=mode)
+    layer = layer.to_empty(device="cpu").to(work)
+    layer.rope.inv_freq = torch.tensor(config.rope_frequencies, dtype=torch.float32)
     with torch.no_grad():
-        for param, value in ((layer.W_UQ.weight, W_UQ.reshape(-1, d_model)), (layer.W_QR.weight, W_QR.reshape(-1, d_model)),
-                             (layer.W_DKV.weight, down), (layer.W_KR.weight, W_KR), (layer.W_UK, W_UK),
-                             (layer.W_UV, W_UV), (layer.W_O.weight, W_O)):
-            param.copy_(value.to(param.dtype))
+        for p in layer.parameters():
+            p.zero_()
+        W_KR = layer.W_KR.weight                                                      # (d_R, d_model)
+        W_QR = layer.W_QR.weight.view(n_h, d_R, d_model)
+        W_UQ = layer.W_UQ.weight.view(n_h, d_nope, d_model)
+        for g in range(n_kv):
+            slots = torch.cat([g * r + torch.arange(r), d_R // 2 + g * r + torch.arange(r)])  # k_R dims of head g
+            W_KR[slots] = W_K[g * d_h + rope_dims[g]].to(work)
+            for h in range(g * group, (g + 1) * group):
+                W_QR[h, slots] = W_Q[h * d_h + rope_dims[g]].to(work) * q_gain          # zeros outside g's slots
+                if d_nope_real:
+                    W_UQ[h] = W_Q[h * d_h + torch.tensor(nope_dims[g])].to(work) * q_gain
+        up = up.to(work)
+        n_key_rows = n_kv * d_nope_real
+        for h in range(n_h):
+            g = h // group
+            if d_nope_real:
+                layer.W_UK[h] = up[g * d_nope_real:(g + 1) * d_nope_real]
+            layer.W_UV[h] = up[n_key_rows + g * d_h:n_key_rows + (g + 1) * d_h]
+        layer.W_DKV.weight.copy_(down)
+        layer.W_O.weight.copy_(W_O)
+    dtype, device = attn.W_Q.weight.dtype, attn.W_Q.weight.device
     return layer.to(device=device, dtype=dtype)
 
 
@@ -196,8 +198,8 @@ def gqa_to_mla(attn: MultiHeadAttention, mode: str = "absorbed") -> MultiHeadLat
     attn = _check_source(attn, "gqa_to_mla")
     n_kv, d_h = attn.num_kv_heads, attn.head_dim
     pairs = torch.arange(d_h // 2).expand(n_kv, -1)
-    W_V = attn.W_V.weight.detach().double().cpu()
-    return _build(attn, pairs, W_V, torch.eye(n_kv * d_h, dtype=torch.float64), mode)
+    W_V = attn.W_V.weight.detach().cpu()
+    return _build(attn, pairs, W_V, torch.eye(n_kv * d_h), mode)
 
 
 def mha_to_mla(attn: MultiHeadAttention, kv_lora_rank: int, rope_pairs: int, rule: str = "contribution",
@@ -233,17 +235,13 @@ def mha_to_mla(attn: MultiHeadAttention, kv_lora_rank: int, rope_pairs: int, rul
     keep = torch.ones(n_kv, d_h, dtype=torch.bool)
     keep.scatter_(1, torch.cat([pairs, pairs + half], dim=1), False)
     M = torch.cat([W_K[keep], attn.W_V.weight.detach().double().cpu()])                # (n_kv (2 d_h - 2r), d_model)
-    if whiten:
-        moment = x.T @ x / x.shape[0]
-        moment += 1e-6 * moment.diagonal().mean() * torch.eye(moment.shape[0], dtype=moment.dtype)
-        L = torch.linalg.cholesky(moment)                                             # moment = L Lᵀ
-        U, S, Vh = torch.linalg.svd(M @ L, full_matrices=False)
-        # M L ≈ U_r S_r V_rᵀ, so M ≈ U_r (S_r V_rᵀ L⁻¹): W_DKV = S_r V_rᵀ L⁻¹
-        down = S[:kv_lora_rank, None] * torch.linalg.solve_triangular(L.T, Vh[:kv_lora_rank].T, upper=True).T
-    else:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        down = S[:kv_lora_rank, None] * Vh[:kv_lora_rank]
-    return _build(attn, pairs, down, U[:, :kv_lora_rank], mode)
+    # The best rank-d_c approximation of M (or of M L, with L Lᵀ = E[x xᵀ] the inputs' second moment,
+    # when whitening) keeps its top d_c left singular vectors U: M ≈ U (Uᵀ M). They are the top
+    # eigenvectors of M Mᵀ (or M L Lᵀ Mᵀ), a small symmetric matrix: cheaper than an SVD of M.
+    gram = M @ (x.T @ x / x.shape[0]) @ M.T if whiten else M @ M.T                   # (rows, rows)
+    U = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :kv_lora_rank]              # (rows, d_c)
+    down = U.T @ M                                                                    # W_DKV (d_c, d_model)
+    return _build(attn, pairs, down, U, mode)
 
 
 def mean_pool_kv(attn: MultiHeadAttention, num_kv_heads: int) -> MultiHeadAttention:

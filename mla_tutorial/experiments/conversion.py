@@ -18,6 +18,7 @@ bound uses the shortest sequences, so the real fraction is smaller).
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import statistics
 import time
@@ -25,7 +26,9 @@ from typing import Any
 
 import torch
 
-from ..convert import convert_model, max_kv_lora_rank
+from ..attention import MultiHeadAttention
+from ..config import ATTENTION_PRESETS
+from ..convert import convert_model, gqa_to_mla, max_kv_lora_rank, mha_to_mla
 from ..model import TransformerLM
 from ..train import TrainConfig, train
 from .common import (RunSpec, Setting, checkpoint_name, checkpoint_path, finish, load_result, make_task, metadata,
@@ -33,7 +36,7 @@ from .common import (RunSpec, Setting, checkpoint_name, checkpoint_path, finish,
 from .matched_cache import variants
 
 __all__ = ["NAME", "RESULTS_DIR", "FINETUNE_FRACTION", "plan", "pretraining_tokens", "finetune_config", "run",
-           "load", "plot_vs_cache", "metric_of"]
+           "load", "plot_vs_cache", "metric_of", "measured", "llama_layer"]
 
 NAME = "convert"
 #: Where the recorded run lives (the CLI writes ``<RESULTS_DIR>/convert.json``).
@@ -146,10 +149,14 @@ def _from_scratch(setting: Setting, out_dir) -> dict[str, Any]:
 
 
 def run(setting: Setting, workers: int = 1, device: str | None = None, progress: bool = True,
-        out_dir: str | pathlib.Path | None = None, fraction: float = FINETUNE_FRACTION) -> dict[str, Any]:
+        out_dir: str | pathlib.Path | None = None, fraction: float = FINETUNE_FRACTION,
+        llama: bool | None = None) -> dict[str, Any]:
+    """Every conversion of both tasks, measured before and after its fine-tune; then (``llama``,
+    default: not in the tiny setting) a Llama-3-8B-shaped layer converted, timed and sized."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    llama = setting.name != "tiny" if llama is None else llama
     meta = metadata(device, workers)
     scratch = _from_scratch(setting, out_dir)
     result: dict[str, Any] = {"experiment": NAME, **meta, "setting": setting.to_dict(), "tasks": {},
@@ -199,7 +206,76 @@ def run(setting: Setting, workers: int = 1, device: str | None = None, progress:
                                  "finetune": {"config": tc.to_dict(), "tokens_at_most": ft_tokens,
                                               "fraction_at_most": ft_tokens / pretraining_tokens(task, setting)},
                                  "calibration_sequences": int(calib_x.shape[0]), "sources": sources, "runs": rows}
+    if llama:
+        result["llama_layer"] = llama_layer()
     return finish(result, start, trained_rows + [r for t in result["tasks"].values() for r in t["runs"]])
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def measured(fn, *args, **kwargs) -> tuple[Any, float, int | None]:
+    """``fn(*args, **kwargs)``, its wall time (s) and the growth of this process's resident memory
+    at its peak over the start (bytes, sampled every 2 ms; ``None`` where /proc is missing)."""
+    import threading
+
+    base = _rss()
+    peak = [base or 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss() or 0)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t = time.perf_counter()
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        seconds = time.perf_counter() - t
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss() or 0)
+    return out, seconds, None if base is None else peak[0] - base
+
+
+def llama_layer(kv_lora_rank: int = 512, rope_pairs: int = 8, tokens: int = 16, seed: int = 0) -> dict[str, Any]:
+    """One attention layer of Llama-3-8B's shape (random weights): converted exactly and by the
+    partial-RoPE SVD (plain: random weights have no activations worth whitening for), with each
+    conversion's time, memory and cache per token, and its outputs checked on ``tokens`` tokens."""
+    cfg = ATTENTION_PRESETS["Llama-3-8B"]
+    torch.manual_seed(seed)
+    attn = MultiHeadAttention.from_config(cfg)
+    x = torch.randn(1, tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        ref = attn(x)
+    out: dict[str, Any] = {"model": cfg.name, "hidden_size": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                           "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+                           "rope_theta": cfg.rope_theta, "tokens_checked": tokens,
+                           "source_weights_bytes_fp32": 4 * sum(p.numel() for p in attn.parameters()),
+                           "gqa_cache_values_per_token_layer": 2 * cfg.num_key_value_heads * cfg.head_dim}
+    for name, fn, args in (("exact", gqa_to_mla, ()), ("approximate", mha_to_mla, (kv_lora_rank, rope_pairs, "high"))):
+        layer, seconds, memory = measured(fn, attn, *args)
+        with torch.no_grad():
+            got = layer(x, mode="absorbed")
+        c = layer.config
+        out[name] = {"seconds": seconds, "peak_memory_growth_bytes": memory,
+                     "weights_bytes_fp32": 4 * sum(p.numel() for p in layer.parameters()),
+                     "kv_lora_rank": c.kv_lora_rank, "qk_rope_head_dim": c.qk_rope_head_dim,
+                     "cache_values_per_token_layer": c.latent_cache_dim,
+                     "max_abs_error": (got - ref).abs().max().item(),
+                     "relative_error": ((got - ref).norm() / ref.norm()).item()}
+        if name == "approximate":
+            out[name]["rope_pairs"], out[name]["rule"] = rope_pairs, "high"
+        del layer
+    return out
 
 
 def load(path: str | pathlib.Path | None = None) -> dict[str, Any]:
