@@ -99,8 +99,8 @@ def pair_scores(attn: MultiHeadAttention, inputs: torch.Tensor) -> torch.Tensor:
     half = d_h // 2
 
     def pair_norms(weight: torch.Tensor, heads: int) -> torch.Tensor:                  # -> (heads, d_h/2)
-        y = (x @ weight.double().T).view(-1, heads, 2, half)                            # (N, heads, 2, d_h/2)
-        return y.norm(dim=2).mean(0)                                                  # half-split pair j = (j, j + d_h/2)
+        y = (x @ weight.detach().double().T).view(-1, heads, 2, half)                 # (N, heads, 2, d_h/2)
+        return y.norm(dim=2).mean(0)                                      # half-split: pair j is (j, j + d_h/2)
 
     q, k = pair_norms(attn.W_Q.weight, n_h), pair_norms(attn.W_K.weight, n_kv)
     return (q.view(n_kv, n_h // n_kv, half).sum(1) * k).float()
@@ -239,9 +239,21 @@ def mha_to_mla(attn: MultiHeadAttention, kv_lora_rank: int, rope_pairs: int, rul
     # when whitening) keeps its top d_c left singular vectors U: M ≈ U (Uᵀ M). They are the top
     # eigenvectors of M Mᵀ (or M L Lᵀ Mᵀ), a small symmetric matrix: cheaper than an SVD of M.
     gram = M @ (x.T @ x / x.shape[0]) @ M.T if whiten else M @ M.T                   # (rows, rows)
-    U = torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :kv_lora_rank]              # (rows, d_c)
+    U = _top_eigenvectors(gram, kv_lora_rank)                                         # (rows, d_c)
     down = U.T @ M                                                                    # W_DKV (d_c, d_model)
     return _build(attn, pairs, down, U, mode)
+
+
+def _top_eigenvectors(gram: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` eigenvectors of a symmetric matrix with the largest eigenvalues, largest first.
+    On one thread: a small eigenproblem on several threads spends most of its time synchronising
+    them (50 times slower for 168 x 168 on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(gram).eigenvectors.flip(-1)[:, :k]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def mean_pool_kv(attn: MultiHeadAttention, num_kv_heads: int) -> MultiHeadAttention:

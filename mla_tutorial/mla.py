@@ -4,7 +4,8 @@ Names follow the DeepSeek-V2 paper (section 2.1): for a token's hidden state h,
 
     c_Q  = RMSNorm(W_DQ h)                 query latent (skipped when q_lora_rank is None)
     q_C  = W_UQ c_Q,  q_R = RoPE(W_QR c_Q)  per-head query: content part and RoPE part
-    c_KV = RMSNorm(W_DKV h)                 the key/value latent: this is what MLA caches
+    c_KV = RMSNorm(W_DKV h)                 the key/value latent: this is what MLA caches (no norm
+                                            when kv_norm=False, as in a converted layer)
     k_R  = RoPE(W_KR h)                     one RoPE key shared by all heads: cached too
     k_C  = W_UK c_KV,  v = W_UV c_KV        per-head keys and values, re-derived from c_KV
     o    = W_O [softmax((q_C·k_C + q_R·k_R) · scale) v]_heads

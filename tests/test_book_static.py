@@ -270,6 +270,7 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/11_converting_to_mla.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -282,6 +283,7 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/07_deepseek_v3_layer.ipynb",
     "notebooks/08_six_times_faster.ipynb",
     "notebooks/12_serving_mla.ipynb",
+    "notebooks/11_converting_to_mla.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when

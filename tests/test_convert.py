@@ -167,7 +167,8 @@ def test_bad_input():
         mha_to_mla(attn, 49, 2, "high")
     with pytest.raises(ValueError, match=r"kv_lora_rank must be an int from 1"):
         mha_to_mla(attn, 0, 2, "high")
-    with pytest.raises(ValueError, match=r"rope_pairs must be an int from 1 to 4: a head of width 8 has 4 RoPE pairs, got 5"):
+    with pytest.raises(ValueError, match=r"rope_pairs must be an int from 1 to 4: a head of width 8 has 4 RoPE "
+                                         r"pairs, got 5"):
         mha_to_mla(attn, 8, 5, "high")
     with pytest.raises(ValueError, match=r"rope_pairs must be an int from 1 to 4"):
         select_rope_pairs(attn, 0, "high")
@@ -175,7 +176,8 @@ def test_bad_input():
         gqa_to_mla(layer(bias=True))
     with pytest.raises(ValueError, match=r"has biases"):
         mha_to_mla(layer(bias=True), 8, 1, "high")
-    with pytest.raises(ValueError, match=r"num_kv_heads must divide the layer's 6 key/value heads; choose one of \[1, 2, 3, 6\]"):
+    with pytest.raises(ValueError, match=r"num_kv_heads must divide the layer's 6 key/value heads; "
+                                         r"choose one of \[1, 2, 3, 6\]"):
         mean_pool_kv(attn, 4)
     with pytest.raises(ValueError, match=r"unknown rule 'middle'"):
         select_rope_pairs(attn, 1, "middle")
@@ -219,3 +221,20 @@ def test_bad_conversion_fields_of_the_configs():
     assert "kv_norm" not in LMConfig().to_dict() and "rope_frequencies" not in LMConfig().to_dict()
     cfg = LMConfig(attention="mla", kv_norm=False, rope_frequencies=[[1.0, 0.5, 0.25, 0.125]] * 2)
     assert LMConfig.from_dict(cfg.to_dict()) == cfg and isinstance(cfg.rope_frequencies[0], tuple)
+
+
+def test_conversion_experiment_plan():
+    from mla_tutorial.experiments import SETTINGS
+    from mla_tutorial.experiments.common import base_config
+    from mla_tutorial.experiments.conversion import finetune_config, plan, pretraining_tokens
+    full = SETTINGS["full"]
+    for task in ("text", "mqar"):
+        tc, tokens = finetune_config(task, full)
+        assert tc.steps == 10 and tokens <= 0.01 * pretraining_tokens(task, full), (task, tokens)
+    specs = plan(base_config("text", full), [24, 40, 72, 136])
+    main = [(s["rope_pairs"], s["kv_lora_rank"]) for s in specs if s["whiten"] and s["rule"] == "contribution"]
+    assert main == [(1, 12), (1, 28), (1, 60), (1, 96), (2, 16), (2, 48), (2, 96), (4, 24), (4, 88), (4, 96)]
+    for r, d_c in main:  # each fills a from-scratch MLA model's cache, or is the full-rank latent
+        assert d_c + 12 * r in (24, 40, 72, 136) or d_c == 96
+    assert {s["rule"] for s in specs if s["kv_lora_rank"] == 48} == {"contribution", "high", "low"}
+    assert sum(not s["whiten"] for s in specs) == 3
