@@ -231,10 +231,11 @@ def test_conversion_experiment_plan():
     for task in ("text", "mqar"):
         tc, tokens = finetune_config(task, full)
         assert tc.steps == 10 and tokens <= 0.01 * pretraining_tokens(task, full), (task, tokens)
-    specs = plan(base_config("text", full), [24, 40, 72, 136])
+    specs = plan(base_config("text", full), [24, 40, 72, 136], [96, 64, 32])
     main = [(s["rope_pairs"], s["kv_lora_rank"]) for s in specs if s["whiten"] and s["rule"] == "contribution"]
-    assert main == [(1, 12), (1, 28), (1, 60), (1, 96), (2, 16), (2, 48), (2, 96), (4, 24), (4, 88), (4, 96)]
-    for r, d_c in main:  # each fills a from-scratch MLA model's cache, or is the full-rank latent
-        assert d_c + 12 * r in (24, 40, 72, 136) or d_c == 96
+    assert main == [(1, 12), (1, 28), (1, 60), (1, 96), (2, 16), (2, 48), (2, 96), (4, 24), (4, 88), (4, 96),
+                    (2, 72), (2, 40), (2, 8)]
+    for r, d_c in main:  # each fills a from-scratch MLA or mean-pooled GQA model's cache, or is the full rank
+        assert d_c + 12 * r in (24, 40, 72, 136, 32, 64, 96) or d_c == 96
     assert {s["rule"] for s in specs if s["kv_lora_rank"] == 48} == {"contribution", "high", "low"}
     assert sum(not s["whiten"] for s in specs) == 3

@@ -6,8 +6,9 @@ For each task (the book's prose, MQAR), starting from the first-seed checkpoints
 * MHA -> MLA, approximate (:func:`~mla_tutorial.convert.mha_to_mla`): r RoPE pairs per head
   (1, 2 or 4 of 8) chosen by their contribution to the scores, the rest of the keys factored with
   the values by a whitened SVD, at the per-layer caches of experiment a's MLA models (d_c + 8 for
-  d_c = 16 ... 128), so each conversion sits beside a model trained as MLA at the same bytes;
-  at r = 2 also the simpler pair rules (highest, lowest frequencies) and the plain SVD.
+  d_c = 16 ... 128), so each conversion sits beside a model trained as MLA at the same bytes, and
+  at full rank; at r = 2 also at the caches of the mean-pooled GQA models, with the plain SVD and
+  with the simpler pair rules (highest, lowest frequencies).
 * MHA -> GQA by mean-pooling key/value heads (3, 2, 1 groups): the old way to shrink a cache.
 
 Each converted model is measured (validation loss; MQAR accuracy over the pair-count grid) before
@@ -71,10 +72,11 @@ def finetune_config(task: str, setting: Setting, fraction: float = FINETUNE_FRAC
     return tc, steps * batch_size * length
 
 
-def plan(mha, mla_caches: list[int]) -> list[dict[str, Any]]:
+def plan(mha, mla_caches: list[int], gqa_caches: list[int] = ()) -> list[dict[str, Any]]:
     """The MHA -> MLA conversions: for each r, the latents that fill each per-layer cache of a
-    from-scratch MLA model (when the SVD can give them) and the full-rank latent; then the
-    comparisons at r = 2 (plain SVD at every latent; the other pair rules at the middle one)."""
+    from-scratch MLA model (when the factorisation can give them) and the full-rank latent; at
+    r = 2 also those that fill each of ``gqa_caches``; then the comparisons at r = 2 (the plain
+    factorisation at the first latents, the other pair rules at the middle one)."""
     attn = TransformerLM(mha.replace(n_layers=1)).blocks[0].attn
     half, n_kv = mha.d_h // 2, mha.kv_heads
     out = []
@@ -84,13 +86,17 @@ def plan(mha, mla_caches: list[int]) -> list[dict[str, Any]]:
                        | {largest})                                  # full rank: only the dropped rotations differ
         out += [dict(kv_lora_rank=d_c, rope_pairs=r, rule="contribution", whiten=True) for d_c in ranks]
     r = min(COMPARE_PAIRS, half)
-    for spec in [s for s in out if s["rope_pairs"] == r]:
-        out.append({**spec, "whiten": False})
+    comparisons = [{**spec, "whiten": False} for spec in out if spec["rope_pairs"] == r]
     matched = [s for s in out if s["rope_pairs"] == r and s["whiten"]]
     if matched:
         mid = matched[len(matched) // 2]
-        out += [{**mid, "rule": rule} for rule in ("high", "low")]
-    return out
+        comparisons += [{**mid, "rule": rule} for rule in ("high", "low")]
+    # at r = 2 also the caches of the mean-pooled GQA models, for a comparison at equal bytes
+    have = {s["kv_lora_rank"] for s in matched}
+    out += [dict(kv_lora_rank=cache - 2 * n_kv * r, rope_pairs=r, rule="contribution", whiten=True)
+            for cache in gqa_caches if 1 <= cache - 2 * n_kv * r <= max_kv_lora_rank(attn, r)
+            and cache - 2 * n_kv * r not in have]
+    return out + comparisons
 
 
 def _label(spec: dict[str, Any]) -> str:
@@ -177,9 +183,10 @@ def run(setting: Setting, workers: int = 1, device: str | None = None, progress:
             sorted({cfg.cache_elements_per_token() // cfg.n_layers for label, cfg in variants(task, setting)
                     if label.startswith("MLA")})
         specs = [dict(method="gqa_to_mla")]
-        specs += [dict(method="mha_to_mla", **s) for s in plan(mha.config, mla_caches)]
-        specs += [dict(method="mean_pool", num_kv_heads=g) for g in range(mha.config.n_heads - 1, 0, -1)
-                  if mha.config.n_heads % g == 0]
+        pools = [g for g in range(mha.config.n_heads - 1, 0, -1) if mha.config.n_heads % g == 0]
+        gqa_caches = [2 * g * mha.config.d_h for g in pools]
+        specs += [dict(method="mha_to_mla", **s) for s in plan(mha.config, mla_caches, gqa_caches)]
+        specs += [dict(method="mean_pool", num_kv_heads=g) for g in pools]
         rows = []
         for spec in tqdm(specs, desc=f"{NAME} {task}", disable=not progress):
             wall, cpu = time.perf_counter(), time.process_time()
