@@ -239,3 +239,11 @@ def test_conversion_experiment_plan():
         assert d_c + 12 * r in (24, 40, 72, 136, 32, 64, 96) or d_c == 96
     assert {s["rule"] for s in specs if s["kv_lora_rank"] == 48} == {"contribution", "high", "low"}
     assert sum(not s["whiten"] for s in specs) == 3
+
+
+def test_recorded_settings_still_compare_equal():
+    # the conversion-only config fields stay out of a setting's dict at their defaults, so the
+    # recorded runs of chapters 09-10 are still recognised as this setting's (and reused)
+    from mla_tutorial.experiments import SETTINGS, load_result
+    for name in ("matched_cache", "heads_layers"):
+        assert load_result(name)["setting"] == SETTINGS["full"].to_dict(), name
