@@ -84,6 +84,21 @@ def check_yarn(owner: str, rope_scaling: Any) -> dict[str, Any]:
     return yarn
 
 
+def check_rope_frequencies(owner: str, frequencies: Any, rope_dim: int) -> tuple[float, ...]:
+    """``rope_dim / 2`` angular frequencies, each a finite number >= 0 (0: a pair that never turns);
+    returned as a tuple of floats."""
+    label = f"{owner}.rope_frequencies"
+    if isinstance(frequencies, (str, bytes, Mapping)) or not hasattr(frequencies, "__len__"):
+        raise TypeError(f"{label} must be None or a sequence of {rope_dim // 2} numbers (one per RoPE pair), "
+                        f"got {type(frequencies).__name__}")
+    if len(frequencies) != rope_dim // 2:
+        raise ValueError(f"{label} has {len(frequencies)} frequencies; qk_rope_head_dim = {rope_dim} rotates "
+                         f"{rope_dim // 2} pairs, one frequency each")
+    return tuple(float(check_real(owner, f"rope_frequencies[{i}]", f, at_least=0,
+                                  hint="radians per position; 0 is a pair that never turns"))
+                 for i, f in enumerate(frequencies))
+
+
 @dataclass
 class MLAConfig:
     """Configuration of one DeepSeek Multi-Head Latent Attention layer (and the model around it).
@@ -98,7 +113,13 @@ class MLAConfig:
     ``qk_nope_head_dim``       d_h         per-head query/key width without position
     ``qk_rope_head_dim``       d_h_R       decoupled RoPE width (one shared, cached key k_R)
     ``v_head_dim``             d_v         per-head value width
+    ``kv_norm``                            RMSNorm on c_KV (DeepSeek: on; a converted layer: off)
+    ``rope_frequencies``                   angular frequency of each RoPE pair (``None``: theta's)
     =========================  ==========  ==========================================================
+
+    ``rope_frequencies`` (``qk_rope_head_dim / 2`` numbers >= 0) replaces RoPE's
+    ``theta ** (-2i / d_h_R)``: a layer converted from MHA or GQA keeps, in its decoupled RoPE part,
+    the frequency pairs of the original heads (:mod:`mla_tutorial.convert`).
     """
 
     hidden_size: int = 7168
@@ -114,6 +135,8 @@ class MLAConfig:
     rope_scaling: dict[str, Any] | None = None
     rope_interleave: bool = True
     rms_norm_eps: float = 1e-6
+    kv_norm: bool = True
+    rope_frequencies: tuple[float, ...] | None = None
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -149,6 +172,13 @@ class MLAConfig:
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", check_yarn(owner, self.rope_scaling))
         check_bool(owner, "rope_interleave", self.rope_interleave)
+        check_bool(owner, "kv_norm", self.kv_norm)
+        if self.rope_frequencies is not None:
+            object.__setattr__(self, "rope_frequencies", check_rope_frequencies(
+                owner, self.rope_frequencies, self.qk_rope_head_dim))
+            if self.rope_scaling is not None:
+                raise ValueError(f"{owner}: give rope_frequencies or rope_scaling (YaRN), not both; YaRN "
+                                 f"rescales theta's frequencies, rope_frequencies sets them outright")
         check_real(owner, "rms_norm_eps", self.rms_norm_eps, above=0,
                    hint="added to the mean square before the square root; DeepSeek uses 1e-6")
         if not isinstance(self.name, str):

@@ -4,7 +4,8 @@ Names follow the DeepSeek-V2 paper (section 2.1): for a token's hidden state h,
 
     c_Q  = RMSNorm(W_DQ h)                 query latent (skipped when q_lora_rank is None)
     q_C  = W_UQ c_Q,  q_R = RoPE(W_QR c_Q)  per-head query: content part and RoPE part
-    c_KV = RMSNorm(W_DKV h)                 the key/value latent: this is what MLA caches
+    c_KV = RMSNorm(W_DKV h)                 the key/value latent: this is what MLA caches (no norm
+                                            when kv_norm=False, as in a converted layer)
     k_R  = RoPE(W_KR h)                     one RoPE key shared by all heads: cached too
     k_C  = W_UK c_KV,  v = W_UV c_KV        per-head keys and values, re-derived from c_KV
     o    = W_O [softmax((q_C·k_C + q_R·k_R) · scale) v]_heads
@@ -91,13 +92,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.W_UQ = nn.Linear(d_q_in, n_h * c.qk_nope_head_dim, bias=False)        # q_b_proj, content rows
         self.W_QR = nn.Linear(d_q_in, n_h * d_R, bias=False)                        # q_b_proj, RoPE rows
         self.W_DKV = nn.Linear(c.hidden_size, d_c, bias=False)                      # kv_a_proj_with_mqa[:d_c]
-        self.kv_norm = RMSNorm(d_c, c.rms_norm_eps)                                 # kv_a_layernorm
+        self.kv_norm = RMSNorm(d_c, c.rms_norm_eps) if c.kv_norm else None          # kv_a_layernorm
         self.W_KR = nn.Linear(c.hidden_size, d_R, bias=False)                       # kv_a_proj_with_mqa[d_c:]
         # Up-projections kept per head, the shape absorption needs: W_UK[h] maps c_KV to head h's key.
         self.W_UK = nn.Parameter(torch.empty(n_h, c.qk_nope_head_dim, d_c))        # kv_b_proj, key rows
         self.W_UV = nn.Parameter(torch.empty(n_h, c.v_head_dim, d_c))               # kv_b_proj, value rows
         self.W_O = nn.Linear(n_h * c.v_head_dim, c.hidden_size, bias=False)         # o_proj
         self.rope = RotaryEmbedding(d_R, c.rope_theta, c.rope_scaling)
+        if c.rope_frequencies is not None:  # a converted layer keeps its source's frequency pairs
+            self.rope.inv_freq = torch.tensor(c.rope_frequencies, dtype=torch.float32)
         self.scale = c.softmax_scale
         bound = 1 / math.sqrt(d_c)  # the same range nn.Linear(d_c, ...) would use
         nn.init.uniform_(self.W_UK, -bound, bound)
@@ -110,7 +113,7 @@ class MultiHeadLatentAttention(nn.Module):
         n_h, d_q = c.num_attention_heads, c.q_lora_rank or c.hidden_size
         return (c.hidden_size * (c.q_lora_rank or 0) + (c.q_lora_rank or 0)     # W_DQ, q_norm
                 + d_q * n_h * c.qk_head_dim                                      # W_UQ, W_QR
-                + c.hidden_size * c.latent_cache_dim + c.kv_lora_rank             # W_DKV, W_KR, kv_norm
+                + c.hidden_size * c.latent_cache_dim + c.kv_lora_rank * c.kv_norm  # W_DKV, W_KR, kv_norm
                 + n_h * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank      # W_UK, W_UV
                 + n_h * c.v_head_dim * c.hidden_size)                             # W_O
 
@@ -269,7 +272,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # Keys and values: everything about a token that MLA keeps is [c_KV, k_R].
-        c_KV = self.kv_norm(self.W_DKV(x))                                            # (B, T, d_c)
+        c_KV = self.W_DKV(x)                                                          # (B, T, d_c)
+        if self.kv_norm is not None:
+            c_KV = self.kv_norm(c_KV)
         k_R = apply_rope(self.W_KR(x).unsqueeze(1), cos, sin, self.config.rope_interleave)  # (B, 1, T, d_h_R)
         return torch.cat([c_KV.unsqueeze(1), k_R], dim=-1)                            # (B, 1, T, d_c + d_h_R)
 

@@ -68,6 +68,8 @@ class LMConfig:
     ``qk_rope_head_dim``  d_h_R      MLA: decoupled RoPE width (one shared, cached key k_R)
     ``v_head_dim``      d_v          MLA: per-head value width
     ``mla_mode``                     MLA: default cache mode (``"expanded"``, ``"latent"``, ``"absorbed"``)
+    ``kv_norm``                      MLA: RMSNorm on c_KV (off in a model converted from MHA/GQA)
+    ``rope_frequencies``             MLA: per layer, the frequency of each RoPE pair (``None``: theta's)
     ``d_ff``                         SwiGLU hidden width (``intermediate_size``)
     ``max_seq_len``                  context: the longest sequence the model may see
     ==================  ===========  ===============================================================
@@ -90,9 +92,12 @@ class LMConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    kv_norm: bool = True
+    rope_frequencies: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         owner = "LMConfig"
+        self._check_conversion_fields(owner)
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"{owner}.attention: unknown attention kind {self.attention!r}; "
                              f"choose one of {ATTENTION_KINDS}")
@@ -129,6 +134,25 @@ class LMConfig:
         if (self.head_dim or self.d_model // self.n_heads) % 2:
             raise ValueError(f"{owner}: RoPE needs an even head_dim, got {self.head_dim or self.d_model // self.n_heads}")
 
+    def _check_conversion_fields(self, owner: str) -> None:
+        """``kv_norm`` and ``rope_frequencies``: MLA only (set by :mod:`mla_tutorial.convert`)."""
+        if not isinstance(self.kv_norm, bool):
+            raise TypeError(f"{owner}.kv_norm must be True or False, got {self.kv_norm!r}")
+        if self.attention != "mla":
+            if not self.kv_norm or self.rope_frequencies is not None:
+                raise ValueError(f"{owner}: kv_norm and rope_frequencies apply to attention='mla' only")
+            return
+        if self.rope_frequencies is None:
+            return
+        from .config import check_rope_frequencies
+        freqs = self.rope_frequencies
+        if isinstance(freqs, (str, bytes)) or not hasattr(freqs, "__len__") or len(freqs) != self.n_layers:
+            raise ValueError(f"{owner}.rope_frequencies must hold one sequence of qk_rope_head_dim / 2 frequencies "
+                             f"per layer ({self.n_layers} layers), got {type(freqs).__name__}"
+                             f"{f' of length {len(freqs)}' if hasattr(freqs, '__len__') else ''}")
+        object.__setattr__(self, "rope_frequencies", tuple(
+            check_rope_frequencies(f"{owner}[layer {i}]", f, self.qk_rope_head_dim) for i, f in enumerate(freqs)))
+
     # --- derived sizes --------------------------------------------------------------------------
     @property
     def kv_heads(self) -> int:
@@ -152,16 +176,18 @@ class LMConfig:
         kv = self.kv_heads
         return "MHA" if kv == self.n_heads else ("MQA" if kv == 1 else f"GQA-{kv}")
 
-    def attention_config(self) -> AttentionConfig | MLAConfig:
-        """The package's config of one attention layer (for cache accounting and the MLA module)."""
+    def attention_config(self, layer: int = 0) -> AttentionConfig | MLAConfig:
+        """The package's config of one attention layer (for cache accounting and the MLA module);
+        ``layer`` matters only for a converted MLA model, whose layers keep different RoPE pairs."""
         if self.attention == "mla":
+            freqs = None if self.rope_frequencies is None else self.rope_frequencies[layer]
             return MLAConfig(hidden_size=self.d_model, num_attention_heads=self.n_heads,
                              q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
                              qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
                              v_head_dim=self.v_head_dim, num_hidden_layers=self.n_layers,
                              rope_theta=self.rope_theta, max_position_embeddings=self.max_seq_len,
                              rope_scaling=None, rope_interleave=False, rms_norm_eps=self.rms_norm_eps,
-                             name=self.label)
+                             kv_norm=self.kv_norm, rope_frequencies=freqs, name=self.label)
         return AttentionConfig(self.label, self.d_model, self.n_heads, self.kv_heads, self.d_h, self.n_layers,
                                self.rope_theta)
 
@@ -185,7 +211,14 @@ class LMConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready; ``kv_norm`` and ``rope_frequencies`` appear only when a conversion set them,
+        so the configs of the recorded runs (which predate them) compare equal."""
+        d = dataclasses.asdict(self)
+        if d["kv_norm"]:
+            del d["kv_norm"]
+        if d["rope_frequencies"] is None:
+            del d["rope_frequencies"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
@@ -212,12 +245,12 @@ class Block(nn.Module):
     """One pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. ``block.attn`` is the
     package's :class:`MultiHeadAttention` or :class:`MultiHeadLatentAttention`."""
 
-    def __init__(self, config: LMConfig):
+    def __init__(self, config: LMConfig, layer: int = 0):
         super().__init__()
         c = config
         self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)        # input_layernorm
         if c.attention == "mla":
-            self.attn: nn.Module = MultiHeadLatentAttention(c.attention_config(), mode=c.mla_mode)
+            self.attn: nn.Module = MultiHeadLatentAttention(c.attention_config(layer), mode=c.mla_mode)
         else:
             self.attn = MultiHeadAttention(c.d_model, c.n_heads, c.kv_heads, c.d_h, rope_theta=c.rope_theta)
         self.mlp_norm = RMSNorm(c.d_model, c.rms_norm_eps)         # post_attention_layernorm
@@ -252,7 +285,7 @@ class TransformerLM(nn.Module):
             raise TypeError(f"TransformerLM needs an LMConfig, got {type(config).__name__}")
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)          # embed_tokens
-        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()

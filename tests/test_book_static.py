@@ -273,6 +273,7 @@ GLOSSARY_LINKED_PAGES = [
     "notebooks/09_small_mla_lm.ipynb",
     "notebooks/10_what_compression_costs.ipynb",
     "notebooks/13_triton_decode_kernel.ipynb",
+    "notebooks/11_converting_to_mla.ipynb",
 ]
 FIGURE_CAPTIONED_PAGES = [
     "notebooks/00_setup.ipynb",
@@ -288,6 +289,7 @@ FIGURE_CAPTIONED_PAGES = [
     "notebooks/09_small_mla_lm.ipynb",
     "notebooks/10_what_compression_costs.ipynb",
     "notebooks/13_triton_decode_kernel.ipynb",
+    "notebooks/11_converting_to_mla.ipynb",
 ]
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
@@ -470,7 +472,7 @@ EXERCISE_PAGES = [f"notebooks/{name}" for name in (
     "01_attention.ipynb", "02_kv_cache.ipynb", "03_mqa_gqa.ipynb", "04_latent_compression.ipynb",
     "05_weight_absorption.ipynb", "06_decoupled_rope.ipynb", "07_deepseek_v3_layer.ipynb",
     "08_six_times_faster.ipynb", "09_small_mla_lm.ipynb", "10_what_compression_costs.ipynb",
-    "12_serving_mla.ipynb", "13_triton_decode_kernel.ipynb")]
+    "11_converting_to_mla.ipynb", "12_serving_mla.ipynb", "13_triton_decode_kernel.ipynb")]
 _EXERCISE = re.compile(r"^`{3,}\{exercise\}[^\n]*\n:label: (\S+)", flags=re.M)
 _SOLUTION = re.compile(r"^`{3,}\{solution(?:-start)?\} (\S+)\n((?::[\w-]+:[^\n]*\n)*)", flags=re.M)
 

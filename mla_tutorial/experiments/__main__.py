@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         result["command"] = command
         if args.note:
             result["note"] = args.note
-        path = save_result(result, None if out_dir is None else out_dir / f"{name}.json")
+        folder = out_dir or getattr(EXPERIMENTS[name], "RESULTS_DIR", None)
+        path = save_result(result, None if folder is None else folder / f"{name}.json")
         print(f"{name}: {result['wall_s']:.0f} s wall, {result['cpu_s_runs']:.0f} s CPU in training runs -> {path}")
 
 

@@ -82,6 +82,7 @@ class Setting:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists, as they do in a results file)."""
         d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()  # without the conversion-only fields at their defaults
         d["mqar"]["vocab_size"] = self.mqar.vocab_size
         return json.loads(json.dumps(d))
 
