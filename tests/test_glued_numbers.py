@@ -86,6 +86,8 @@ SOURCE_FIGURES = {
     "2,560",             # MiniCPM3-4B's hidden size, from its published config.json
     "132",               # an H100 SXM's streaming multiprocessors (NVIDIA's datasheet)
     "865",               # FlashMLA's write-up: an H800's practical bf16 peak under clock throttling, TFLOPS
+    "656",               # FlashMLA's FP8 KV-cache row for DeepSeek-V3.2, bytes per token (its README and tests)
+    "448",               # float8 e4m3's largest finite number (torch.finfo(torch.float8_e4m3fn).max)
 }
 
 
