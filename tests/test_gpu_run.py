@@ -66,7 +66,7 @@ def test_dry_run_prints_the_plan_for_a_named_gpu(monkeypatch, capsys):
 
 @pytest.mark.parametrize("gpu, memory_gb", [("NVIDIA H100 80GB HBM3", 80), ("NVIDIA H200", 141)])
 def test_default_plan_fits_the_device_time_on_an_h100_or_h200(monkeypatch, capsys, gpu, memory_gb):
-    # one GPU is lent for 15 minutes in all, start-up included: the default run must stay within 10
+    # a GPU session may have 15 minutes in all, start-up included: the default run must stay within 10
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _script().main(["--dry-run", "--assume", gpu, "--assume-memory-gb", str(memory_gb)]) == 0
     out = capsys.readouterr().out
