@@ -22,7 +22,7 @@ import urllib.parse
 
 import pytest
 import yaml
-from book_toc import toc_files
+from book_toc import chapter_notebooks, numbered_chapters, toc_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -255,42 +255,10 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
 
 
 # --- glossary links, figure captions, widget state ---------------------------------------------
-# Pages whose glossary links, and notebooks whose figure captions, are checked: add a page once it
-# links the glossary terms it uses / captions its figures (CONTRIBUTING.md, "Glossary links", "Figures").
-GLOSSARY_LINKED_PAGES = [
-    "notebooks/00_setup.ipynb",
-    "notebooks/01_attention.ipynb",
-    "notebooks/02_kv_cache.ipynb",
-    "notebooks/03_mqa_gqa.ipynb",
-    "book/explorer.md",
-    "book/find_the_bug.ipynb",
-    "notebooks/04_latent_compression.ipynb",
-    "notebooks/05_weight_absorption.ipynb",
-    "notebooks/06_decoupled_rope.ipynb",
-    "notebooks/07_deepseek_v3_layer.ipynb",
-    "notebooks/08_six_times_faster.ipynb",
-    "notebooks/12_serving_mla.ipynb",
-    "notebooks/09_small_mla_lm.ipynb",
-    "notebooks/10_what_compression_costs.ipynb",
-    "notebooks/13_triton_decode_kernel.ipynb",
-    "notebooks/11_converting_to_mla.ipynb",
-]
-FIGURE_CAPTIONED_PAGES = [
-    "notebooks/00_setup.ipynb",
-    "notebooks/01_attention.ipynb",
-    "notebooks/02_kv_cache.ipynb",
-    "notebooks/03_mqa_gqa.ipynb",
-    "notebooks/04_latent_compression.ipynb",
-    "notebooks/05_weight_absorption.ipynb",
-    "notebooks/06_decoupled_rope.ipynb",
-    "notebooks/07_deepseek_v3_layer.ipynb",
-    "notebooks/08_six_times_faster.ipynb",
-    "notebooks/12_serving_mla.ipynb",
-    "notebooks/09_small_mla_lm.ipynb",
-    "notebooks/10_what_compression_costs.ipynb",
-    "notebooks/13_triton_decode_kernel.ipynb",
-    "notebooks/11_converting_to_mla.ipynb",
-]
+# Every chapter links the glossary terms it uses and captions its figures (CONTRIBUTING.md,
+# "Glossary links", "Figures"); so do the back-matter pages that use the terms.
+GLOSSARY_LINKED_PAGES = [*chapter_notebooks(TOC), "book/explorer.md", "book/find_the_bug.ipynb"]
+FIGURE_CAPTIONED_PAGES = chapter_notebooks(TOC)
 GLOSSARY = ROOT / "book" / "glossary.md"
 # How pages write each glossary term in LaTeX (a term's code name, e.g. `d_c`, counts as a use when
 # it is a whole inline code span). Every term of book/glossary.md needs an entry.
@@ -467,12 +435,8 @@ def test_headings_carry_no_hand_typed_numbers(rel):
                        "with a label and {numref}):\n  " + "\n  ".join(found))
 
 
-# Chapters whose exercises use sphinx-exercise (CONTRIBUTING.md, "Exercises"); add each new chapter.
-EXERCISE_PAGES = [f"notebooks/{name}" for name in (
-    "01_attention.ipynb", "02_kv_cache.ipynb", "03_mqa_gqa.ipynb", "04_latent_compression.ipynb",
-    "05_weight_absorption.ipynb", "06_decoupled_rope.ipynb", "07_deepseek_v3_layer.ipynb",
-    "08_six_times_faster.ipynb", "09_small_mla_lm.ipynb", "10_what_compression_costs.ipynb",
-    "11_converting_to_mla.ipynb", "12_serving_mla.ipynb", "13_triton_decode_kernel.ipynb")]
+# Every numbered chapter ends with exercises in sphinx-exercise's form (CONTRIBUTING.md, "Exercises").
+EXERCISE_PAGES = numbered_chapters(TOC)
 _EXERCISE = re.compile(r"^`{3,}\{exercise\}[^\n]*\n:label: (\S+)", flags=re.M)
 _SOLUTION = re.compile(r"^`{3,}\{solution(?:-start)?\} (\S+)\n((?::[\w-]+:[^\n]*\n)*)", flags=re.M)
 
