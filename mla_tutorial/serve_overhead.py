@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import platform
 import statistics
 import sys
@@ -30,16 +31,13 @@ from typing import Any
 import torch
 
 from .bench import _load_average, save_results
+from .checks import check_positive_int
 from .device import describe_device
 from .model import TransformerLM
 from .serve import Engine, Request
+from .serve_bench import part4_models, serve_results_dir, v3_models
 
 __all__ = ["engine_overhead", "run_overhead", "format_overhead", "load_overhead_results", "main"]
-
-
-def _check(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"engine_overhead: {name} must be an int >= {minimum}, got {value!r}")
 
 
 @torch.no_grad()
@@ -50,7 +48,7 @@ def engine_overhead(model: TransformerLM, batch: int = 32, context: int = 64, st
     if not isinstance(model, TransformerLM):
         raise TypeError(f"engine_overhead measures a TransformerLM, got {type(model).__name__}")
     for name, value in (("batch", batch), ("context", context), ("steps", steps), ("block_size", block_size)):
-        _check(name, value)
+        check_positive_int("engine_overhead", name, value)
     c = model.config
     total = context + steps + 3            # the prompt, and the tokens of the warm-up, timed and last steps
     if total > c.max_seq_len:
@@ -96,14 +94,12 @@ def run_overhead(suites: Sequence[str] = ("part4", "v3"), batch: int = 32, conte
     """:func:`engine_overhead` for each model of each suite (``part4``: Part IV's trained models;
     ``v3``: the V3-dims models of :func:`mla_tutorial.serve_bench.v3_models`), best of ``repeats``
     (the run with the smallest engine step), on ``threads`` CPU threads."""
-    from .serve_bench import part4_models, v3_models
-
     makers = {"part4": part4_models, "v3": v3_models}
     unknown = sorted(set(suites) - set(makers))
     if unknown or not suites:
         raise ValueError(f"run_overhead: unknown suites {unknown or list(suites)}; choose from {sorted(makers)}")
-    _check("repeats", repeats)
-    _check("threads", threads)
+    check_positive_int("run_overhead", "repeats", repeats)
+    check_positive_int("run_overhead", "threads", threads)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0, load0 = time.perf_counter(), _load_average()
@@ -132,10 +128,6 @@ def format_overhead(result: dict[str, Any]) -> str:
 
 def load_overhead_results() -> list[dict[str, Any]]:
     """Recorded runs, oldest first."""
-    import json
-
-    from .serve_bench import serve_results_dir
-
     return [json.loads(p.read_text()) for p in sorted((serve_results_dir() / "overhead").glob("*.json"))]
 
 
@@ -155,8 +147,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = run_overhead(suites, args.batch, args.context, args.steps, args.repeats)
     except (ValueError, TypeError) as err:
         sys.exit(f"error: {err}")
-    from .serve_bench import serve_results_dir
-
     result["note"] = args.note
     result["command"] = "python -m mla_tutorial.serve_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     out = args.out or serve_results_dir() / "overhead" / f"cpu-{_dt.date.today():%Y%m%d}.json"

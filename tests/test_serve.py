@@ -219,15 +219,15 @@ def test_overhead_benchmark_times_the_same_batch_both_ways():
     assert "MLA" in format_overhead({"suites": {"tiny": {"MLA": r}}})
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(batch=0), r"batch must be an int >= 1"),
-    (dict(context=200), r"exceed the model's context"),
-    (dict(steps=1.5), r"steps must be an int >= 1"),
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(batch=0), ValueError, r"engine_overhead.batch must be a positive integer, got 0"),
+    (dict(context=200), ValueError, r"exceed the model's context"),
+    (dict(steps=1.5), TypeError, r"engine_overhead.steps must be an int, got float"),
 ])
-def test_overhead_benchmark_refuses_bad_settings(kw, match):
+def test_overhead_benchmark_refuses_bad_settings(kw, error, match):
     from mla_tutorial.serve_overhead import engine_overhead
 
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         engine_overhead(model("mla"), **kw)
 
 
